@@ -1,0 +1,106 @@
+"""The ``refed-ray`` command: run, prepare-model, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from refed_ray.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"refed-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refed-ray", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="collect feedback, plan and synthesize")
+    add_run_arguments(run)
+    run.set_defaults(handler=_run)
+
+    prepare = commands.add_parser("prepare-model", parents=[common], help="convert the embedded default model once")
+    prepare.set_defaults(handler=_prepare_model)
+
+    export = commands.add_parser("export", parents=[common], help="write committed samples for training frameworks")
+    export.add_argument("output", help="a run's OUTPUT URI")
+    export.add_argument("--format", default="refed-json", choices=["refed-json", "jsonl", "sharegpt"])
+    export.add_argument("--to", help="target file or URI (default: OUTPUT/export/FORMAT.json[l])")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``refed-ray run``, shared with jobs/synthesize.py."""
+    parser.add_argument("--config", help="YAML file of RunConfig fields; flags override it")
+    parser.add_argument("--seeds", help="seed file URI (JSONL, JSON or Parquet)")
+    parser.add_argument("--output", help="output URI (local path, s3://, gs://, ...)")
+    parser.add_argument("--num-samples", type=int, help="samples to synthesize")
+    parser.add_argument("--model", help="teacher: Hugging Face id or local folder")
+    parser.add_argument("--engine", choices=["vllm", "custom"], help="teacher engine kind")
+    parser.add_argument("--num-engines", type=int, help="engine actors (one engine each)")
+    parser.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
+    parser.add_argument("--seed", type=int, help="run seed")
+    parser.add_argument("--max-bad-seeds", type=int, help="bad seed rows skipped before stopping")
+    parser.add_argument("--force-new", action="store_true", help="discard an incompatible earlier run in OUTPUT")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    from refed_ray.config import load_config
+    from refed_ray.pipeline import run
+    from refed_ray.report import summary
+
+    config = load_config(
+        args.config,
+        {
+            "seeds": args.seeds,
+            "output": args.output,
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "max_bad_seeds": args.max_bad_seeds,
+            "engine.model": args.model,
+            "engine.kind": args.engine,
+            "engine.tensor_parallel_size": args.tensor_parallel_size,
+            "workers.num_engines": args.num_engines,
+        },
+    )
+    report = run(config, force_new=args.force_new)
+    print(summary(report))
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_from_args(args)
+    return 0
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from refed_ray.engines.default_model import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from refed_ray.export import export
+
+    target, count = export(args.output, args.format, args.to)
+    print(json.dumps({"exported": count, "to": target, "format": args.format}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The run configuration: one pydantic model, loaded from YAML and overridden by CLI flags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from refed_ray.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Section):
+    """The teacher model and how each worker hosts it."""
+
+    kind: Literal["vllm", "custom"] = Field(
+        "vllm", description="vllm: in-process vLLM engine; custom: class_path names an engine class"
+    )
+    model: str | None = Field(
+        None, description="Hugging Face id or local folder; unset = the embedded Gemma 3 270M"
+    )
+    model_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options when model is an s3:// (or other) folder"
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(4096, ge=256)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    cpu_kvcache_space_gib: int = Field(4, ge=1, description="KV cache size on CPU engines")
+    max_num_seqs: int | None = Field(None, ge=1)
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra vllm.AsyncEngineArgs fields"
+    )
+    class_path: str | None = Field(None, description="module:Class of a custom engine")
+
+
+class SamplingConfig(_Section):
+    """Decoding settings and per-step budgets. Char limits bound the structured outputs."""
+
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_attempts: int = Field(3, ge=1, le=10, description="tries per call before a reject")
+    feedback_max_tokens: int = Field(768, ge=16)
+    instructions_max_tokens: int = Field(1536, ge=16)
+    response_max_tokens: int = Field(1024, ge=16)
+    refinement_max_tokens: int = Field(2048, ge=16)
+    feedback_max_chars: int = Field(1200, ge=20)
+    instruction_max_chars: int = Field(600, ge=20)
+    response_max_chars: int = Field(3000, ge=20)
+    point_max_chars: int = Field(300, ge=20, description="each point of the refinement analysis")
+    max_points: int = Field(5, ge=1, le=20, description="points per list of the refinement analysis")
+
+
+class WorkersConfig(_Section):
+    """How the plan is spread over engine actors."""
+
+    num_engines: int = Field(1, ge=1, description="engine actors (each holds one engine)")
+    units_per_batch: int = Field(8, ge=1, description="work units per Ray Data batch")
+    batches_in_flight: int = Field(
+        2, ge=1, le=64, description="batches one actor works on at once (keeps its engine busy)"
+    )
+    max_restarts: int = Field(3, ge=0, description="restarts of a dead engine actor")
+    max_task_retries: int = Field(3, ge=0, description="retries of a batch lost with its actor")
+
+
+class RunConfig(_Section):
+    seeds: str | None = Field(None, description="seed file URI; unset = the bundled references")
+    output: str = "output/run"
+    num_samples: int = Field(100, ge=1)
+    instructions_per_aspect: int = Field(10, ge=1, le=50, description="K of the paper")
+    seed: int = Field(0, ge=0, description="run seed: the plan and every sampling seed follow it")
+    max_bad_seeds: int = Field(10, ge=0, description="bad seed rows skipped before the run stops")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the seeds and output URIs"
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    def model_name(self) -> str:
+        return self.engine.model or "gemma-3-270m (embedded default)"
+
+    def fingerprint(self, prompts_digest: str, references_digest: str) -> dict[str, str]:
+        """What a resumed run must share with the run that wrote OUTPUT, part by part."""
+        return {
+            "model": self.model_name(),
+            # Only what changes the replies: not credentials, memory or parallelism settings.
+            "engine": _digest(self.engine.model_dump(include={"kind", "class_path", "max_model_len", "engine_kwargs"})),
+            "prompts": prompts_digest,
+            "references": references_digest,
+            "sampling": _digest(self.sampling.model_dump()),
+            "plan": _digest({"seed": self.seed, "k": self.instructions_per_aspect}),
+        }
+
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as written to run.json and report.json: secret-looking values masked."""
+        return _redact(self.model_dump())
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else _redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Read the YAML file (if any), apply dotted-key overrides, and validate."""
+    data: dict[str, Any] = {}
+    where = "the command line"
+    if path:
+        where = path
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, where)) from None
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"invalid config ({where}):"]
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = "" if problem["type"] == "missing" else f" (got {problem.get('input')!r})"
+        lines.append(f"  {field}: {message}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> report.
+
+Nothing grows with N on the driver: the plan is written round by round, both passes stream
+through Ray Data, and the driver only sees one small stats row per committed shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow.fs
+import ray
+
+from refed_ray.config import RunConfig
+from refed_ray.errors import UserError
+from refed_ray.plan import write_plan
+from refed_ray.prompts import prompts_digest
+from refed_ray.records import Feedback, Reject, to_table
+from refed_ray.report import build_report
+from refed_ray.seeds import read_seeds
+from refed_ray.stats import merge
+from refed_ray.storage import Storage
+from refed_ray.workers import FeedbackWorker, SkipCommitted, SynthesisWorker
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
+    started = time.time()
+    storage = Storage(config.output, config.storage_options)
+    storage.check_writable()
+    seeds = read_seeds(config.seeds, config.max_bad_seeds, config.storage_options)
+    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
+    if force_new:
+        _clear(storage)
+    resumed = _check_resume(storage, fingerprint)
+    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
+    storage.remove_orphans(["feedback", "data", "rejects"])
+    storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
+
+    plan = write_plan(
+        storage,
+        [ref.reference_id for ref in seeds.references],
+        config.num_samples,
+        config.instructions_per_aspect,
+        config.seed,
+    )
+    log.info("plan: %d units over %d rounds, %d references", plan.units, plan.rounds, len(plan.references_used))
+    _connect_ray()
+    config = _resolve_device(config)
+    used = set(plan.references_used)
+    _feedback_pass(storage, config, [r for r in seeds.references if r.reference_id in used])
+    feedback_ref = ray.put(_read_feedback(storage))
+    units_before = _committed_ids(storage, "synthesis")
+    this_run = _synthesis_pass(storage, config, feedback_ref, units_before)
+    report = build_report(
+        storage, config, seeds, plan, resumed=resumed, units_before=len(units_before),
+        this_run=this_run, wall_seconds=time.time() - started,
+    )
+    storage.write_json("report.json", report)
+    return report
+
+
+def _feedback_pass(storage: Storage, config: RunConfig, references: list) -> None:
+    done = set(_committed_ids(storage, "feedback"))
+    todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
+    if not todo:
+        return
+    log.info("collecting feedback on %d references (%d already done)", len(todo), len(done))
+    dataset = ray.data.from_items(todo).map_batches(
+        FeedbackWorker,
+        fn_constructor_kwargs={"config_json": config.model_dump_json()},
+        **_engine_map_args(config),
+    )
+    _drain(dataset)
+
+
+def _synthesis_pass(storage: Storage, config: RunConfig, feedback_ref, committed: list[str]) -> dict:
+    plan = ray.data.read_parquet(
+        storage.path("plan"), filesystem=_arrow_fs(storage), file_extensions=["parquet"]
+    )
+    if committed:
+        plan = plan.map_batches(
+            SkipCommitted,
+            fn_constructor_kwargs={"id_column": "unit_id", "committed": [ray.put(committed)]},
+            batch_format="pyarrow",
+            concurrency=1,
+            num_cpus=0.1,
+        )
+    dataset = plan.map_batches(
+        SynthesisWorker,
+        fn_constructor_kwargs={"config_json": config.model_dump_json(), "feedback": [feedback_ref]},
+        **_engine_map_args(config),
+    )
+    return _drain(dataset)
+
+
+def _engine_map_args(config: RunConfig) -> dict[str, Any]:
+    """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
+    workers = config.workers
+    if config.engine.kind == "vllm":
+        from refed_ray.engines.vllm_engine import actor_resources
+
+        resources = actor_resources(config.engine)
+    else:
+        resources = {"num_cpus": 1}
+    return dict(
+        batch_size=workers.units_per_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=workers.num_engines, max_tasks_in_flight_per_actor=workers.batches_in_flight
+        ),
+        max_concurrency=workers.batches_in_flight,
+        max_restarts=workers.max_restarts,
+        max_task_retries=workers.max_task_retries,
+        **resources,
+    )
+
+
+def _drain(dataset) -> dict[str, Any]:
+    """Run a pass to the end; sum what the driver sees: one stats row per committed shard."""
+    totals: dict = {}
+    shards = 0
+    started = time.time()
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for stats_json in batch.column("stats").to_pylist():
+            merge(totals, json.loads(stats_json))
+            shards += 1
+    return {"shards": shards, "seconds": time.time() - started, "stats": totals}
+
+
+def _read_feedback(storage: Storage) -> dict[str, Feedback]:
+    return {
+        row["reference_id"]: Feedback(**row)
+        for table in storage.iter_committed_tables("feedback")
+        for row in table.to_pylist()
+    }
+
+
+def _committed_ids(storage: Storage, pass_name: str) -> list[str]:
+    return [i for marker in storage.markers(pass_name) for i in marker.ids]
+
+
+def _check_resume(storage: Storage, fingerprint: dict[str, str]) -> bool:
+    """True when OUTPUT holds an earlier, compatible run; refuse an incompatible one."""
+    if not storage.exists(RUN_FILE):
+        return False
+    previous = storage.read_json(RUN_FILE)["fingerprint"]
+    differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
+    if differs:
+        details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
+        raise UserError(
+            f"{storage.uri} holds a run with a different {', '.join(differs)} ({details}). "
+            "Resuming would mix incompatible samples: pass --force-new to discard it, "
+            "or choose another --output."
+        )
+    return True
+
+
+def _clear(storage: Storage) -> None:
+    for name in (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "_markers"):
+        if storage.exists(name):
+            storage.delete(name)
+
+
+def _connect_ray() -> None:
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS's cluster when set, else starts a local one
+
+
+def _resolve_device(config: RunConfig) -> RunConfig:
+    if config.engine.device != "auto":
+        return config
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"device": device})})
+
+
+def _arrow_fs(storage: Storage) -> pyarrow.fs.FileSystem:
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs))
+

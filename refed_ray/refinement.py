@@ -1,0 +1,36 @@
+"""Stage 4, refinement: apply the reference's response feedback to a synthesized response.
+
+The prompt says the feedback was written for a similar but different pair, so the teacher
+applies only the relevant points. The reply is the REFED analysis, strategy and improved
+response.
+"""
+
+from __future__ import annotations
+
+from refed_ray.config import RunConfig
+from refed_ray.engines.base import Engine
+from refed_ray.prompts import render
+from refed_ray.records import Feedback, refinement_model
+from refed_ray.structured import Answer, ask_or_reject
+
+
+async def refine_response(
+    engine: Engine, instruction: str, response: str, feedback: Feedback, seed: int, config: RunConfig
+) -> Answer:
+    """The ``Answer``'s value has ``.analysis``, ``.implementation_strategy``, ``.improved_response``."""
+    messages = render(
+        "refinement",
+        instruction=instruction,
+        response=response,
+        response_feedback=feedback.response_feedback,
+    )
+    return await ask_or_reject(
+        engine,
+        messages,
+        refinement_model(
+            config.sampling.response_max_chars, config.sampling.point_max_chars, config.sampling.max_points
+        ),
+        max_tokens=config.sampling.refinement_max_tokens,
+        sampling=config.sampling,
+        seed=seed,
+    )

@@ -1,0 +1,88 @@
+"""One structured call to the teacher: schema-constrained, validated, retried a bounded number of times."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from refed_ray.config import SamplingConfig
+from refed_ray.engines.base import ChatRequest, Engine, EngineDead, RequestRejected
+
+
+@dataclass
+class Answer:
+    """A validated reply, or why there is none; tokens and calls count every attempt."""
+
+    value: BaseModel | None = None
+    error: str = ""
+    raw: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (run seed, unit, step, index, attempt)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+async def ask(
+    engine: Engine,
+    messages: list[dict[str, str]],
+    schema: type[BaseModel],
+    *,
+    max_tokens: int,
+    sampling: SamplingConfig,
+    seed: int,
+) -> Answer:
+    answer = Answer()
+    for attempt in range(sampling.max_attempts):
+        request = ChatRequest(
+            messages=messages,
+            json_schema=schema.model_json_schema(),
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=derive_seed(seed, attempt),
+        )
+        answer.calls += 1
+        try:
+            completion = await engine.complete(request)
+        except (RequestRejected, EngineDead):
+            # A prompt too long fails the same way every time; a dead engine ends the actor.
+            raise
+        except Exception as err:  # one request's failure must not fail its batch
+            answer.error = f"engine error: {type(err).__name__}: {err}"
+            continue
+        answer.prompt_tokens += completion.prompt_tokens
+        answer.completion_tokens += completion.completion_tokens
+        answer.raw = completion.text
+        if completion.finish_reason == "length":
+            answer.error = f"output truncated at max_tokens={max_tokens}"
+            continue
+        try:
+            answer.value = schema.model_validate_json(completion.text)
+        except ValidationError as err:
+            answer.error = f"output does not validate: {_first_problem(err)}"
+            continue
+        answer.error = ""
+        return answer
+    answer.error = f"{answer.error} (after {answer.calls} attempts)"
+    return answer
+
+
+async def ask_or_reject(engine: Engine, messages, schema, **kwargs) -> Answer:
+    """``ask``, with a request the engine refuses turned into an unanswered ``Answer``."""
+    try:
+        return await ask(engine, messages, schema, **kwargs)
+    except RequestRejected as err:
+        return Answer(error=str(err), calls=1)
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "(reply)"
+    return f"{where}: {problem['msg']}"

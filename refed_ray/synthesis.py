@@ -1,0 +1,134 @@
+"""The chain one engine runs for a work unit: instructions -> responses -> refinement.
+
+Each new instruction runs its own response -> refinement chain as a coroutine, so one engine
+holds requests of every step at once and no step's tail leaves it idle. Every planned sample
+ends as a ``Sample`` or as a ``Reject`` whose ``lost_samples`` accounts for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from refed_ray.config import RunConfig
+from refed_ray.engines.base import Engine
+from refed_ray.instructions import synthesize_instructions
+from refed_ray.records import Feedback, Reject, Sample, WorkUnit
+from refed_ray.refinement import refine_response
+from refed_ray.responses import synthesize_response
+from refed_ray.stats import StageStats
+from refed_ray.structured import Answer, derive_seed
+
+SYNTHESIS_STAGES = ("instructions", "responses", "refinement")
+
+
+@dataclass
+class UnitResult:
+    samples: list[Sample] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    stats: dict[str, StageStats] = field(
+        default_factory=lambda: {stage: StageStats() for stage in SYNTHESIS_STAGES}
+    )
+
+
+async def synthesize_unit(
+    engine: Engine, unit: WorkUnit, feedback: Feedback | None, config: RunConfig
+) -> UnitResult:
+    k = config.instructions_per_aspect
+    result = UnitResult()
+    if feedback is None:
+        result.rejects.append(
+            _reject(unit, "feedback", "no feedback for this reference: its collection failed", k)
+        )
+        return result
+    planned = await synthesize_instructions(engine, unit, feedback, config)
+    step = result.stats["instructions"]
+    step.rows_in = 1
+    step.add_calls(planned)
+    if planned.value is None:
+        step.rejected = 1
+        result.rejects.append(_reject(unit, "instructions", planned.error, k, detail=planned.raw))
+        return result
+    step.rows_out = k
+    chains = [
+        _one_sample(engine, unit, feedback, index, instruction, config)
+        for index, instruction in enumerate(planned.value.instructions)
+    ]
+    for outcome in await asyncio.gather(*chains):
+        outcome.count(result.stats)
+        if outcome.sample is not None:
+            result.samples.append(outcome.sample)
+        else:
+            result.rejects.append(outcome.reject)
+    return result
+
+
+@dataclass
+class _SampleOutcome:
+    response: Answer
+    refinement: Answer | None = None
+    sample: Sample | None = None
+    reject: Reject | None = None
+
+    def count(self, stats: dict[str, StageStats]) -> None:
+        stats["responses"].rows_in += 1
+        stats["responses"].add_calls(self.response)
+        if self.response.value is None:
+            stats["responses"].rejected += 1
+            return
+        stats["responses"].rows_out += 1
+        stats["refinement"].rows_in += 1
+        stats["refinement"].add_calls(self.refinement)
+        if self.sample is None:
+            stats["refinement"].rejected += 1
+        else:
+            stats["refinement"].rows_out += 1
+
+
+async def _one_sample(
+    engine: Engine, unit: WorkUnit, feedback: Feedback, index: int, instruction: str, config: RunConfig
+) -> _SampleOutcome:
+    seed = derive_seed(unit.seed, "sample", index)
+    answered = await synthesize_response(engine, instruction, feedback, derive_seed(seed, "response"), config)
+    outcome = _SampleOutcome(response=answered)
+    if answered.value is None:
+        outcome.reject = _reject(unit, "responses", answered.error, 1, index, answered.raw)
+        return outcome
+    refined = await refine_response(
+        engine, instruction, answered.value.response, feedback, derive_seed(seed, "refinement"), config
+    )
+    outcome.refinement = refined
+    if refined.value is None:
+        outcome.reject = _reject(unit, "refinement", refined.error, 1, index, refined.raw)
+        return outcome
+    outcome.sample = Sample(
+        instruction=instruction,
+        response=answered.value.response,
+        analysis=refined.value.analysis.model_dump(),
+        implementation_strategy=refined.value.implementation_strategy.model_dump(),
+        improved_response=refined.value.improved_response,
+        unit_id=unit.unit_id,
+        reference_id=unit.reference_id,
+        aspect=unit.aspect,
+        round=unit.round,
+        sample_index=index,
+        model=engine.model_name,
+        prompt_tokens=answered.prompt_tokens + refined.prompt_tokens,
+        completion_tokens=answered.completion_tokens + refined.completion_tokens,
+    )
+    return outcome
+
+
+def _reject(
+    unit: WorkUnit, stage: str, reason: str, lost: int, index: int = -1, detail: str = ""
+) -> Reject:
+    return Reject(
+        stage=stage,
+        reason=reason,
+        unit_id=unit.unit_id,
+        reference_id=unit.reference_id,
+        aspect=unit.aspect,
+        sample_index=index,
+        lost_samples=lost,
+        detail=detail[:2000],
+    )

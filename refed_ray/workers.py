@@ -1,0 +1,109 @@
+"""Ray Data actors. Each hosts ONE engine and commits one shard per batch it finishes.
+
+The shared reference-level feedback reaches every actor once, at construction, as a broadcast
+``ObjectRef`` (Ray Data does not dereference refs in ``fn_kwargs``, so it travels inside a list
+in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on several batches at once
+and every unit of a batch runs its chain concurrently on the one engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from refed_ray.config import RunConfig
+from refed_ray.engines.base import EngineDead, create_engine
+from refed_ray.feedback import collect_feedback
+from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
+from refed_ray.stats import StageStats, merge
+from refed_ray.storage import Storage
+from refed_ray.synthesis import synthesize_unit
+
+log = logging.getLogger(__name__)
+
+STATS_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string())])
+
+
+class _EngineWorker:
+    pass_name: str
+
+    def __init__(self, config_json: str):
+        self.config = RunConfig.model_validate_json(config_json)
+        self.storage = Storage(self.config.output, self.config.storage_options)
+        self.engine = create_engine(self.config.engine)
+
+    async def __call__(self, batch: pa.Table):
+        try:
+            ids, tables, stats = await self.process(batch.to_pylist())
+        except EngineDead as err:
+            # Exit the actor: Ray restarts it (max_restarts) with a fresh engine and retries
+            # its in-flight batches (max_task_retries). Nothing of this batch was committed.
+            log.error("engine died, restarting the actor: %s", err)
+            os._exit(1)
+        marker = self.storage.commit_shard(self.pass_name, ids, tables, stats)
+        yield pa.table({"shard": [marker.shard], "stats": [json.dumps(marker.stats)]}, STATS_SCHEMA)
+
+    async def process(self, rows: list[dict[str, Any]]):
+        raise NotImplementedError
+
+
+class FeedbackWorker(_EngineWorker):
+    """Stage 1 over a batch of references."""
+
+    pass_name = "feedback"
+
+    async def process(self, rows):
+        references = [Reference(**row) for row in rows]
+        results = await asyncio.gather(
+            *(collect_feedback(self.engine, ref, self.config) for ref in references)
+        )
+        stats = StageStats()
+        for result in results:
+            stats += result.stats
+        tables = {
+            "feedback": to_table([r.feedback for r in results if r.feedback], Feedback),
+            "rejects": to_table([reject for r in results for reject in r.rejects], Reject),
+        }
+        return [ref.reference_id for ref in references], tables, {"feedback": stats.model_dump()}
+
+
+class SynthesisWorker(_EngineWorker):
+    """Stages 2-4 over a batch of work units, with the broadcast feedback table."""
+
+    pass_name = "synthesis"
+
+    def __init__(self, config_json: str, feedback: list[ray.ObjectRef]):
+        super().__init__(config_json)
+        self.feedback: dict[str, Feedback] = ray.get(feedback[0])
+
+    async def process(self, rows):
+        units = [WorkUnit(**row) for row in rows]
+        results = await asyncio.gather(
+            *(synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config) for u in units)
+        )
+        stats: dict[str, StageStats] = {}
+        for result in results:
+            merge(stats, result.stats)
+        tables = {
+            "data": to_table([s for r in results for s in r.samples], Sample),
+            "rejects": to_table([j for r in results for j in r.rejects], Reject),
+        }
+        return [u.unit_id for u in units], tables, {k: v.model_dump() for k, v in stats.items()}
+
+
+class SkipCommitted:
+    """Drops rows whose id a committed shard already covers (the resume filter)."""
+
+    def __init__(self, id_column: str, committed: list[ray.ObjectRef]):
+        self.id_column = id_column
+        self.committed = pa.array(ray.get(committed[0]), pa.string())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch[self.id_column], value_set=self.committed)))

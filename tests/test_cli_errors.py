@@ -1,0 +1,66 @@
+"""Bad input through the real CLI: a clear message naming what and where, exit 2, no traceback.
+
+Each of these fails before Ray starts or any model loads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, pairs, write_jsonl
+
+
+def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "refed_ray.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+
+
+def test_bad_seed_files(tmp_path):
+    out = str(tmp_path / "out")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_user_error(cli("run", "--seeds", str(tmp_path / "empty.jsonl"), "--output", out), "empty.jsonl is empty")
+    (tmp_path / "seeds.tsv").write_text("a\tb\n")
+    assert_user_error(cli("run", "--seeds", str(tmp_path / "seeds.tsv"), "--output", out), "unknown seed file format '.tsv'")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*pairs(2), '{"instruction": "x", "response": 5}', "{oops"])
+    assert_user_error(
+        cli("run", "--seeds", str(bad), "--output", out, "--max-bad-seeds", "1"),
+        "2 bad rows", "max_bad_seeds=1", "bad.jsonl:3: field 'response' must be a string, got int",
+        "bad.jsonl:4: malformed JSON",
+    )
+    assert_user_error(cli("run", "--seeds", str(tmp_path / "missing.jsonl"), "--output", out), "seed file not found")
+
+
+def test_bad_config_values(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_samples: -1\nsampling:\n  temperature: 9\nengine:\n  kind: magic\nbogus: 1\n")
+    done = cli("run", "--config", str(config), "--output", str(tmp_path / "out"))
+    assert_user_error(
+        done, f"invalid config ({config})", "num_samples: Input should be greater than or equal to 1",
+        "sampling.temperature: Input should be less than or equal to 2", "engine.kind: Input should be 'vllm' or 'custom'",
+        "bogus: unknown key",
+    )
+
+
+def test_unwritable_output_fails_fast(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = cli("run", "--output", str(blocker / "out"))
+    assert_user_error(done, f"cannot write to output {blocker}/out")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = cli("run", "--debug", "--seeds", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"))
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_export_of_a_folder_without_a_run(tmp_path):
+    assert_user_error(cli("export", str(tmp_path)), "holds no refed-ray run")

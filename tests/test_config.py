@@ -1,0 +1,64 @@
+import pytest
+
+from refed_ray.config import RunConfig, load_config
+from refed_ray.errors import UserError
+
+
+def test_yaml_then_flag_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("num_samples: 50\nengine:\n  model: some/model\nsampling:\n  temperature: 0.2\n")
+    config = load_config(str(path), {"num_samples": 7, "engine.tensor_parallel_size": 2, "seeds": None})
+    assert (config.num_samples, config.engine.model, config.engine.tensor_parallel_size) == (7, "some/model", 2)
+    assert config.sampling.temperature == 0.2 and config.seeds is None
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("num_samples: -3\n", "num_samples: Input should be greater than or equal to 1 (got -3)"),
+        ("sampling:\n  temperature: 3.5\n", "sampling.temperature: Input should be less than or equal to 2 (got 3.5)"),
+        ("engine:\n  kind: tgi\n", "engine.kind: Input should be 'vllm' or 'custom' (got 'tgi')"),
+        ("num_sample: 5\n", "num_sample: unknown key"),
+        ("workers:\n  num_engines: 0\n", "workers.num_engines: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, yaml_text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(UserError) as caught:
+        load_config(str(path), {})
+    assert f"invalid config ({path}):" in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"), {})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(broken), {})
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(str(listed), {})
+
+
+def test_fingerprint_separates_incompatible_settings():
+    base = RunConfig()
+    same = RunConfig(num_samples=10_000, workers={"num_engines": 8})
+    other = RunConfig(engine={"model": "meta-llama/Llama-3.1-8B-Instruct"}, sampling={"temperature": 0.1})
+    assert base.fingerprint("p", "r") == same.fingerprint("p", "r")
+    changed = {k for k, v in other.fingerprint("p", "r").items() if base.fingerprint("p", "r")[k] != v}
+    assert changed == {"model", "sampling"}
+
+
+def test_secrets_never_reach_the_written_config():
+    config = RunConfig(
+        storage_options={"key": "AKIAEXAMPLE", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x"}},
+        engine={"model_storage_options": {"token": "hf_abc", "anon": False}},
+    )
+    dumped = str(config.public_dump())
+    assert "AKIAEXAMPLE" not in dumped and "s3cr3t" not in dumped and "hf_abc" not in dumped
+    assert "http://x" in dumped
+    assert config.fingerprint("p", "r") == RunConfig().fingerprint("p", "r")

@@ -1,0 +1,86 @@
+"""Faults inside a run: a dying engine actor, a kill mid-write, a prompt the engine refuses."""
+
+import pyarrow as pa
+import pytest
+
+from refed_ray.errors import UserError
+from refed_ray.pipeline import run
+from refed_ray.storage import Storage
+from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
+from tests.test_pipeline import make_config, rows
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def unit_samples(storage: Storage) -> list[tuple[str, int]]:
+    return sorted((r["unit_id"], r["sample_index"]) for r in rows(storage, "data"))
+
+
+def planned_samples(storage: Storage, k: int) -> list[tuple[str, int]]:
+    units = [r["unit_id"] for f in storage.list("plan") for r in storage.read_table(f).to_pylist()]
+    return sorted((u, i) for u in units for i in range(k))
+
+
+def test_engine_actor_killed_mid_batch_is_restarted_and_loses_nothing(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))
+    die_file = tmp_path / "die-once"
+    die_file.write_text("")
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"die_file": str(die_file), "delay": 0.05}}
+    report = run(make_config(tmp_path, seeds, num_samples=48, engine=engine, workers={"num_engines": 1, "units_per_batch": 2}))
+    storage = Storage(str(tmp_path / "out"))
+    assert not die_file.exists()  # an actor did die
+    assert unit_samples(storage) == planned_samples(storage, 3)
+    assert report["samples"] == 48 and report["all_planned_samples_accounted"]
+
+
+def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, monkeypatch):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    config = make_config(tmp_path, seeds, num_samples=18)
+    run(config)
+    storage = Storage(config.output)
+    before = unit_samples(storage)
+
+    # A worker killed while writing leaves a temporary file, or (object stores: never; but a
+    # shard whose marker never came) a complete file no marker names. Readers see neither.
+    (tmp_path / "out" / "data" / "synthesis-deadbeef.parquet.tmp-1234").write_bytes(b"PAR1\x00partial")
+    storage.write_table("data/synthesis-orphan.parquet", pa.table({"unit_id": ["x"], "sample_index": [0]}))
+    assert unit_samples(storage) == before
+
+    def broken_pipe(path, data, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(storage.fs, "pipe_file", broken_pipe)
+    with pytest.raises(OSError):
+        storage.write_table("data/synthesis-new.parquet", pa.table({"unit_id": ["y"]}))
+    assert not storage.exists("data/synthesis-new.parquet")
+    monkeypatch.undo()
+
+    again = run(config)
+    assert unit_samples(storage) == before == planned_samples(storage, 3)
+    assert sorted(storage.list("data")) == storage.committed_files("data")
+    assert again["units"]["resumed"] == 6 and again["units"]["this_run"] == 0
+
+
+def test_prompt_longer_than_context_fails_only_its_own_reference(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(3), {"instruction": "HUGE " * 50, "response": "ok"}])
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"reject_marker": "HUGE HUGE"}}
+    report = run(make_config(tmp_path, seeds, num_samples=24, engine=engine))
+    storage = Storage(str(tmp_path / "out"))
+    rejected = [r for r in rows(storage, "rejects") if r["stage"] == "feedback" and not r["unit_id"]]
+    assert [r["source"] for r in rejected] == ["seeds.jsonl:4"]
+    assert "does not fit the context window" in rejected[0]["reason"]
+    assert report["feedback_rows"] == report["references"]["used"] - 1
+    assert report["all_planned_samples_accounted"]
+
+
+def test_resume_with_another_model_is_refused_naming_it(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    run(make_config(tmp_path, seeds, num_samples=6))
+    other = {**FAKE_ENGINE, "model": "another-teacher"}
+    with pytest.raises(UserError, match=r"different model \(model: 'gemma-3-270m \(embedded default\)' there, 'another-teacher' now\)"):
+        run(make_config(tmp_path, seeds, num_samples=6, engine=other))
+    reseeded = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    with pytest.raises(UserError, match="different references"):
+        run(make_config(tmp_path, reseeded, num_samples=6))

@@ -1,0 +1,112 @@
+"""The whole pipeline on a local Ray cluster with the fake teacher (tests/fake_engine.py)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from refed_ray.config import RunConfig
+from refed_ray.errors import UserError
+from refed_ray.export import export
+from refed_ray.pipeline import run
+from refed_ray.records import Feedback, Reject, Sample, WorkUnit
+from refed_ray.storage import Storage
+from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def make_config(tmp_path, seeds, **overrides) -> RunConfig:
+    fields = {
+        "seeds": str(seeds),
+        "output": str(tmp_path / "out"),
+        "num_samples": 24,
+        "instructions_per_aspect": 3,
+        "engine": FAKE_ENGINE,
+        "workers": {"num_engines": 2, "units_per_batch": 2},
+    }
+    fields.update(overrides)
+    return RunConfig.model_validate(fields)
+
+
+def rows(storage: Storage, folder: str) -> list[dict]:
+    return [row for table in storage.iter_committed_tables(folder) for row in table.to_pylist()]
+
+
+def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(5), {"conversations": ["a", "b", "c", "d"]}])
+    report = run(make_config(tmp_path, seeds))
+    storage = Storage(str(tmp_path / "out"))
+
+    plan = [WorkUnit(**r) for f in storage.list("plan") for r in storage.read_table(f).to_pylist()]
+    feedback = [Feedback(**r) for r in rows(storage, "feedback")]
+    samples = [Sample(**r) for r in rows(storage, "data")]
+    rejects = [Reject(**r) for r in rows(storage, "rejects")]
+
+    assert len(plan) == 8 and report["plan"]["planned_samples"] == 24
+    used = {u.reference_id for u in plan}
+    assert {f.reference_id for f in feedback} == used
+    assert report["feedback_rows"] == len(used) and report["feedback_calls"] == 2 * len(used)
+    assert len(samples) == report["samples"] == 24
+    assert sorted((s.unit_id, s.sample_index) for s in samples) == sorted((u.unit_id, i) for u in plan for i in range(3))
+    assert [r.source for r in rejects] == ["seeds.jsonl:6"]  # the multi-turn row, counted
+    assert report["references"] == {"usable": 5, "skipped": 1, "used": len(used)}
+    assert report["all_planned_samples_accounted"] and report["units"]["committed"] == 8
+    assert report["stages"]["refinement"]["rows_out"] == 24
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["samples"] == 24
+    assert all(s.model == "fake-teacher" and s.completion_tokens > 0 for s in samples)
+
+
+def test_invalid_outputs_are_retried_then_rejected_with_their_reason(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(4), {"instruction": "BROKEN please", "response": "x"}])
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"invalid_marker": "BROKEN", "invalid_rate": {"Refinement": 0.3}}}
+    report = run(make_config(tmp_path, seeds, num_samples=60, engine=engine))
+    storage = Storage(str(tmp_path / "out"))
+    rejects = [Reject(**r) for r in rows(storage, "rejects")]
+    samples = rows(storage, "data")
+
+    (failed_reference,) = [r for r in rejects if r.stage == "feedback" and not r.unit_id]
+    assert "output does not validate" in failed_reference.reason and failed_reference.lost_samples == 0
+    assert failed_reference.source == "seeds.jsonl:5"
+    units_without_feedback = [r for r in rejects if r.stage == "feedback" and r.unit_id]
+    assert units_without_feedback and all(r.lost_samples == 3 for r in units_without_feedback)
+    assert {r.reference_id for r in units_without_feedback} == {failed_reference.reference_id}
+    refinement = [r for r in rejects if r.stage == "refinement"]
+    assert refinement and all("(after 3 attempts)" in r.reason and r.lost_samples == 1 for r in refinement)
+    assert len(samples) + sum(r.lost_samples for r in rejects) == 60
+    assert report["samples"] == len(samples) and report["all_planned_samples_accounted"]
+    assert report["stages"]["refinement"]["retries"] == 2 * len(refinement)
+
+
+def test_rerun_resumes_and_refuses_an_incompatible_config(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))
+    first = run(make_config(tmp_path, seeds, num_samples=12))
+    again = run(make_config(tmp_path, seeds, num_samples=24))
+    storage = Storage(str(tmp_path / "out"))
+    samples = rows(storage, "data")
+    assert first["units"]["this_run"] == 4
+    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4}
+    assert len(samples) == 24 == len({(s["unit_id"], s["sample_index"]) for s in samples})
+
+    with pytest.raises(UserError, match=r"different sampling .*--force-new"):
+        run(make_config(tmp_path, seeds, num_samples=24, sampling={"temperature": 0.1}))
+    fresh = run(make_config(tmp_path, seeds, num_samples=6, sampling={"temperature": 0.1}), force_new=True)
+    assert fresh["units"] == {"planned": 2, "committed": 2, "resumed": 0, "this_run": 2}
+
+
+def test_export_formats(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    run(make_config(tmp_path, seeds, num_samples=6))
+    out = str(tmp_path / "out")
+    target, count = export(out, "refed-json")
+    refed = json.loads(open(target).read())
+    assert count == len(refed) == 6
+    assert set(refed[0]) == {"instruction", "response", "analysis", "implementation_strategy", "improved_response"}
+    assert set(refed[0]["analysis"]) == {"original_strengths", "improvement_opportunities", "relevant_feedback"}
+    _, _ = export(out, "sharegpt", str(tmp_path / "sg.jsonl"))
+    first = json.loads(open(tmp_path / "sg.jsonl").readline())
+    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"]
+    assert first["conversations"][1]["value"] == refed[0]["improved_response"]
+    export(out, "jsonl", str(tmp_path / "plain.jsonl"))
+    assert json.loads(open(tmp_path / "plain.jsonl").readline()) == {
+        "instruction": refed[0]["instruction"], "response": refed[0]["improved_response"]}

@@ -1,0 +1,117 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refed_ray.errors import UserError
+from refed_ray.seeds import read_seeds
+from tests.conftest import pairs, write_jsonl
+
+
+def test_instruction_response_rows(tmp_path):
+    seeds = read_seeds(str(write_jsonl(tmp_path / "s.jsonl", pairs(3))), max_bad_seeds=0)
+    assert [r.instruction for r in seeds.references] == [p["instruction"] for p in pairs(3)]
+    assert seeds.references[1].source == "s.jsonl:2"
+    assert len({r.reference_id for r in seeds.references}) == 3
+
+
+def test_lima_conversations_keep_single_turn_and_report_skips(tmp_path):
+    rows = [
+        {"conversations": ["What is 2+2?", "4, because two pairs make four."]},
+        {"conversations": ["Hi", "Hello!", "How are you?", "Fine."]},
+        {"conversations": [{"from": "human", "value": "Name a prime."}, {"from": "gpt", "value": "7"}]},
+    ]
+    seeds = read_seeds(str(write_jsonl(tmp_path / "lima.jsonl", rows)), max_bad_seeds=0)
+    assert [r.response for r in seeds.references] == ["4, because two pairs make four.", "7"]
+    assert len(seeds.skipped) == 1 and seeds.bad_rows == 0
+    assert seeds.skipped[0].source == "lima.jsonl:2"
+    assert "multi-turn conversation (4 turns)" in seeds.skipped[0].reason
+
+
+def test_chat_messages_drop_system_and_check_roles(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                      {"role": "assistant", "content": "Paris."}]},
+        {"messages": [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Capital?"}]},
+    ]
+    seeds = read_seeds(str(write_jsonl(tmp_path / "chat.jsonl", rows)), max_bad_seeds=1)
+    assert [(r.instruction, r.response) for r in seeds.references] == [("Capital of France?", "Paris.")]
+    assert "user turn then an assistant turn" in seeds.skipped[0].reason
+
+
+def test_json_and_parquet_files(tmp_path):
+    json_path = tmp_path / "s.json"
+    json_path.write_text(json.dumps(pairs(2)))
+    parquet_path = tmp_path / "s.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs(2)), parquet_path)
+    from_json = read_seeds(str(json_path), 0).references
+    from_parquet = read_seeds(str(parquet_path), 0).references
+    assert [r.reference_id for r in from_json] == [r.reference_id for r in from_parquet]
+    assert from_json[1].source == "s.json[1]" and from_parquet[1].source == "s.parquet:row 1"
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"instruction": "x", "response": ', "malformed JSON at column"),
+        ('{"instruction": "x"}', "missing field 'response'"),
+        ('{"instruction": 3, "response": "y"}', "field 'instruction' must be a string, got int"),
+        ('{"instruction": "   ", "response": "y"}', "field 'instruction' is empty"),
+        ('{"prompt": "x", "completion": "y"}', "no known fields"),
+        ('["x", "y"]', "must be a JSON object"),
+    ],
+)
+def test_bad_rows_are_counted_skips_naming_file_and_line(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "s.jsonl", [*pairs(2), line])
+    seeds = read_seeds(str(path), max_bad_seeds=1)
+    assert len(seeds.references) == 2
+    assert seeds.skipped[0].source == "s.jsonl:3"
+    assert reason in seeds.skipped[0].reason
+    with pytest.raises(UserError, match=r"1 bad rows in .*s.jsonl, more than max_bad_seeds=0:\n  s.jsonl:3: "):
+        read_seeds(str(path), max_bad_seeds=0)
+
+
+def test_non_utf8_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(json.dumps(pairs(1)[0]).encode() + b'\n{"instruction": "caf\xe9", "response": "x"}\n')
+    seeds = read_seeds(str(path), max_bad_seeds=1)
+    assert seeds.skipped[0].source == "s.jsonl:2" and "not UTF-8" in seeds.skipped[0].reason
+
+
+def test_duplicates_name_the_first_occurrence(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [*pairs(2), pairs(2)[0]])
+    seeds = read_seeds(str(path), max_bad_seeds=1)
+    assert seeds.skipped[0].reason == "duplicate reference (same as s.jsonl:1)"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"  \n", "seed file .*empty.jsonl is empty"),
+        ("seeds.csv", b"a,b\n", "unknown seed file format '.csv'"),
+        ("bad.json", b'[{"instruction": "x",\n "response": }]', r"bad.json:2: malformed JSON"),
+        ("latin.json", b'[{"instruction": "caf\xe9"}]', r"latin.json:1: not UTF-8"),
+        ("obj.json", b'{"instruction": "x"}', "must hold a list of rows"),
+    ],
+)
+def test_file_level_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_seeds(str(path), max_bad_seeds=10)
+
+
+def test_missing_file_and_nothing_usable(tmp_path):
+    with pytest.raises(UserError, match="seed file not found"):
+        read_seeds(str(tmp_path / "nope.jsonl"), 0)
+    path = write_jsonl(tmp_path / "multi.jsonl", [{"conversations": ["a", "b", "c", "d"]}])
+    with pytest.raises(UserError, match="no usable reference pairs"):
+        read_seeds(str(path), 0)
+
+
+def test_default_reference_set_is_clean_and_diverse():
+    seeds = read_seeds(None, max_bad_seeds=0)
+    assert 30 <= len(seeds.references) <= 50
+    assert not seeds.skipped
+    assert seeds.digest() == read_seeds(None, 0).digest()

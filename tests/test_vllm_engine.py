@@ -1,0 +1,73 @@
+"""The real thing: `refed-ray run` with the vLLM CPU engine and the embedded Gemma 3 270M, through
+all four steps with structured outputs, then `refed-ray export`. Slow (loads the model twice)."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from refed_ray.records import Feedback, RefedRow, Reject, Sample
+from refed_ray.storage import Storage
+from tests.conftest import ROOT, write_jsonl
+
+pytestmark = pytest.mark.engine
+
+# Char bounds well under the token budgets: a reply can always finish, so none is truncated.
+TINY_RUN = {
+    "num_samples": 3,
+    "instructions_per_aspect": 3,
+    "engine": {"max_model_len": 2048, "cpu_kvcache_space_gib": 1},
+    "sampling": {
+        "feedback_max_tokens": 400, "feedback_max_chars": 300,
+        "instructions_max_tokens": 600, "instruction_max_chars": 150,
+        "response_max_tokens": 400, "response_max_chars": 300,
+        "refinement_max_tokens": 900, "point_max_chars": 60, "max_points": 1,
+    },
+    "workers": {"num_engines": 1, "units_per_batch": 1},
+}
+
+
+def refed_ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "refed_ray.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
+
+
+def test_real_engine_runs_the_whole_method(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
+        {"instruction": "Give three tips for writing clear emails.",
+         "response": "1. Put the request in the first line.\n2. Keep one topic per email.\n3. End with the next step and a date."},
+    ])
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    out = tmp_path / "out"
+
+    done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "refed-ray: " in done.stdout and "samples in" in done.stdout
+
+    storage = Storage(str(out))
+    report = json.loads((out / "report.json").read_text())
+    feedback = [Feedback(**r) for t in storage.iter_committed_tables("feedback") for r in t.to_pylist()]
+    samples = [Sample(**r) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
+    rejects = [Reject(**r) for t in storage.iter_committed_tables("rejects") for r in t.to_pylist()]
+    plan = [r for f in storage.list("plan") for r in pq.read_table(out / f).to_pylist()]
+
+    assert len(plan) == 1 and report["device"] == "cpu"
+    assert len(feedback) == report["feedback_rows"] == 1 and report["feedback_calls"] >= 2
+    assert feedback[0].subject_areas.strip() and feedback[0].response_feedback.strip()
+    assert len(samples) >= 1, [r.reason for r in rejects]
+    assert len(samples) + sum(r.lost_samples for r in rejects) == 3
+    assert all(s.model == "gemma-3-270m" and s.prompt_tokens > 0 and s.completion_tokens > 0 for s in samples)
+    assert report["all_planned_samples_accounted"]
+    assert report["this_run"]["completion_tokens_per_second"] > 0
+
+    exported = refed_ray("export", str(out), "--format", "refed-json", "--to", str(tmp_path / "refed.json"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    rows = json.loads((tmp_path / "refed.json").read_text())
+    assert len(rows) == len(samples)
+    for row in rows:
+        RefedRow.model_validate(row)
