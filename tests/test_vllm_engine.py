@@ -71,3 +71,47 @@ def test_real_engine_runs_the_whole_method(tmp_path):
     assert len(rows) == len(samples)
     for row in rows:
         RefedRow.model_validate(row)
+
+
+def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
+        {"instruction": "Name two uses of a hash map.", "response": "Counting word frequencies, and caching computed results by key."},
+    ])
+    config = tmp_path / "tiny.yaml"
+    # Two units, one batch at a time: the kill lands after the first shard commits.
+    config.write_text(yaml.safe_dump({**TINY_RUN, "num_samples": 6, "workers": {
+        "num_engines": 1, "units_per_batch": 1, "batches_in_flight": 1}}))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "refed_ray.cli", "run", "--config", str(config), "--seeds", str(seeds),
+               "--output", str(out)]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    markers = out / "_markers" / "synthesis"
+    deadline = time.time() + 900
+    while time.time() < deadline and driver.poll() is None and not (markers.exists() and any(markers.iterdir())):
+        time.sleep(0.5)
+    assert driver.poll() is None, "the run ended before the kill: " + (tmp_path / "first.log").read_text()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    storage = Storage(str(out))
+    assert len(storage.markers("synthesis")) == 1  # killed with one of two units committed
+
+    done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["units"] == {"planned": 2, "committed": 2, "resumed": 1, "this_run": 1}
+
+    plan = {r["unit_id"] for f in storage.list("plan") for r in pq.read_table(out / f).to_pylist()}
+    samples = [(r["unit_id"], r["sample_index"]) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
+    rejected = [(r["unit_id"], r["sample_index"], r["lost_samples"])
+                for t in storage.iter_committed_tables("rejects") for r in t.to_pylist() if r["unit_id"]]
+    assert len(samples) == len(set(samples))  # none twice
+    covered = set(samples) | {(u, i) for u, i, lost in rejected if lost == 1}
+    covered |= {(u, i) for u, i, lost in rejected if lost == 3 for i in range(3)}
+    assert covered == {(u, i) for u in plan for i in range(3)}  # none missing
+    assert sorted(storage.list("data")) == storage.committed_files("data")  # no orphan left
