@@ -50,7 +50,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="output URI (local path, s3://, gs://, ...)")
     parser.add_argument("--num-samples", type=int, help="samples to synthesize")
     parser.add_argument("--model", help="teacher: Hugging Face id or local folder")
-    parser.add_argument("--engine", choices=["vllm", "custom"], help="teacher engine kind")
+    parser.add_argument("--engine", choices=["vllm", "openai", "custom"], help="teacher engine kind")
+    parser.add_argument("--api-base", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     parser.add_argument("--num-engines", type=int, help="engine actors (one engine each)")
     parser.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
     parser.add_argument("--seed", type=int, help="run seed")
@@ -73,6 +74,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
             "max_bad_seeds": args.max_bad_seeds,
             "engine.model": args.model,
             "engine.kind": args.engine,
+            "engine.api.api_base": args.api_base,
             "engine.tensor_parallel_size": args.tensor_parallel_size,
             "workers.num_engines": args.num_engines,
         },

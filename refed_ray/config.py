@@ -17,11 +17,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Price(_Section):
+    input_per_million: float = Field(ge=0, description="price of 1M prompt tokens")
+    output_per_million: float = Field(ge=0, description="price of 1M completion tokens")
+
+
+class ApiConfig(_Section):
+    """An OpenAI-compatible endpoint (engine kind ``openai``)."""
+
+    api_base: str | None = Field(None, description="e.g. http://host:8000/v1; unset = api.openai.com")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    azure_api_version: str | None = Field(None, description="set for Azure OpenAI (api_base = endpoint)")
+    json_schema: bool = Field(True, description="response_format json_schema; false = JSON mode")
+    max_retries: int = Field(5, ge=0, le=20, description="retries of 429/5xx/timeouts/dropped connections")
+    request_timeout_s: float = Field(120, gt=0, description="one HTTP attempt")
+    request_deadline_s: float = Field(600, gt=0, description="one call, retries and backoff included")
+    max_concurrent_requests: int = Field(32, ge=1, description="in flight per engine actor")
+    requests_per_minute: int | None = Field(None, ge=1, description="shared by the whole run")
+    tokens_per_minute: int | None = Field(None, ge=1, description="shared by the whole run")
+    prices: dict[str, Price] = Field(default_factory=dict, description="per model name, for the cost report")
+
+
 class EngineConfig(_Section):
     """The teacher model and how each worker hosts it."""
 
-    kind: Literal["vllm", "custom"] = Field(
-        "vllm", description="vllm: in-process vLLM engine; custom: class_path names an engine class"
+    kind: Literal["vllm", "openai", "custom"] = Field(
+        "vllm",
+        description="vllm: in-process vLLM engine; openai: an OpenAI-compatible API; "
+        "custom: class_path names an engine class",
     )
     model: str | None = Field(
         None, description="Hugging Face id or local folder; unset = the embedded Gemma 3 270M"
@@ -39,6 +62,7 @@ class EngineConfig(_Section):
         default_factory=dict, description="extra vllm.AsyncEngineArgs fields"
     )
     class_path: str | None = Field(None, description="module:Class of a custom engine")
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
 
 class SamplingConfig(_Section):
@@ -91,8 +115,7 @@ class RunConfig(_Section):
         """What a resumed run must share with the run that wrote OUTPUT, part by part."""
         return {
             "model": self.model_name(),
-            # Only what changes the replies: not credentials, memory or parallelism settings.
-            "engine": _digest(self.engine.model_dump(include={"kind", "class_path", "max_model_len", "engine_kwargs"})),
+            "engine": _digest(self.engine.model_dump(include=_REPLY_SHAPING_ENGINE_FIELDS)),
             "prompts": prompts_digest,
             "references": references_digest,
             "sampling": _digest(self.sampling.model_dump()),
@@ -105,6 +128,15 @@ class RunConfig(_Section):
         return _redact(self.model_dump())
 
 
+# Engine settings that change the replies, and so must match on resume. Credentials, memory,
+# parallelism and rate limits do not.
+_REPLY_SHAPING_ENGINE_FIELDS = {
+    "kind": True,
+    "class_path": True,
+    "max_model_len": True,
+    "engine_kwargs": True,
+    "api": {"api_base": True, "json_schema": True},
+}
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 

@@ -52,6 +52,10 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     log.info("plan: %d units over %d rounds, %d references", plan.units, plan.rounds, len(plan.references_used))
     _connect_ray()
     config = _resolve_device(config)
+    if config.engine.kind == "openai":
+        from refed_ray.engines.openai_engine import start_rate_limiter
+
+        start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
     used = set(plan.references_used)
     _feedback_pass(storage, config, [r for r in seeds.references if r.reference_id in used])
     feedback_ref = ray.put(_read_feedback(storage))
@@ -107,7 +111,7 @@ def _engine_map_args(config: RunConfig) -> dict[str, Any]:
 
         resources = actor_resources(config.engine)
     else:
-        resources = {"num_cpus": 1}
+        resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
     return dict(
         batch_size=workers.units_per_batch,
         batch_format="pyarrow",
@@ -173,7 +177,7 @@ def _connect_ray() -> None:
 
 
 def _resolve_device(config: RunConfig) -> RunConfig:
-    if config.engine.device != "auto":
+    if config.engine.device != "auto" or config.engine.kind != "vllm":
         return config
     device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     return config.model_copy(update={"engine": config.engine.model_copy(update={"device": device})})

@@ -61,6 +61,7 @@ def build_report(
             "resumed": units_before,
             "this_run": units_committed - units_before,
         },
+        "cost": _cost(config, stages),
         "samples": samples,
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
@@ -74,6 +75,17 @@ def build_report(
         },
         "config": config.public_dump(),
     }
+
+
+def _cost(config: RunConfig, stages: dict[str, StageStats]) -> dict[str, Any] | None:
+    """Cost of every call in OUTPUT, from the configured price of the model (engine openai)."""
+    price = config.engine.api.prices.get(config.engine.model or "")
+    if price is None:
+        return None
+    prompt = sum(s.prompt_tokens for s in stages.values())
+    completion = sum(s.completion_tokens for s in stages.values())
+    total = prompt / 1e6 * price.input_per_million + completion / 1e6 * price.output_per_million
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total": round(total, 6)}
 
 
 def _first_calls(stage: str, stats: StageStats) -> int:
@@ -95,6 +107,8 @@ def summary(report: dict[str, Any]) -> str:
             f"  {name:<13} in {s['rows_in']:>7}  out {s['rows_out']:>7}  rejected {s['rejected']:>5}"
             f"  tokens {s['prompt_tokens']:>9} in / {s['completion_tokens']:>8} out"
         )
+    if report["cost"]:
+        lines.append(f"  cost: {report['cost']['total']:.4f} (from engine.api.prices)")
     run = report["this_run"]
     lines.append(
         f"  this run: {run['wall_seconds']} s, {run['completion_tokens_per_second']} tokens/s generated"

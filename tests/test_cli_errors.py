@@ -45,7 +45,7 @@ def test_bad_config_values(tmp_path):
     done = cli("run", "--config", str(config), "--output", str(tmp_path / "out"))
     assert_user_error(
         done, f"invalid config ({config})", "num_samples: Input should be greater than or equal to 1",
-        "sampling.temperature: Input should be less than or equal to 2", "engine.kind: Input should be 'vllm' or 'custom'",
+        "sampling.temperature: Input should be less than or equal to 2", "engine.kind: Input should be 'vllm', 'openai' or 'custom'",
         "bogus: unknown key",
     )
 

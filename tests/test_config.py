@@ -17,7 +17,7 @@ def test_yaml_then_flag_overrides(tmp_path):
     [
         ("num_samples: -3\n", "num_samples: Input should be greater than or equal to 1 (got -3)"),
         ("sampling:\n  temperature: 3.5\n", "sampling.temperature: Input should be less than or equal to 2 (got 3.5)"),
-        ("engine:\n  kind: tgi\n", "engine.kind: Input should be 'vllm' or 'custom' (got 'tgi')"),
+        ("engine:\n  kind: tgi\n", "engine.kind: Input should be 'vllm', 'openai' or 'custom' (got 'tgi')"),
         ("num_sample: 5\n", "num_sample: unknown key"),
         ("workers:\n  num_engines: 0\n", "workers.num_engines: Input should be greater than or equal to 1"),
     ],

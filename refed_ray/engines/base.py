@@ -53,6 +53,10 @@ def create_engine(config: EngineConfig) -> Engine:
         from refed_ray.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(config)
+    if config.kind == "openai":
+        from refed_ray.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(config)
     return load_class(config.class_path)(config)
 
 

@@ -1,0 +1,164 @@
+"""A teacher behind an OpenAI-compatible chat-completions API (OpenAI, Azure OpenAI, vllm serve,
+SGLang, TGI, ...). Runs on CPU-only actors.
+
+- Structured outputs through ``response_format`` (``json_schema``); servers without it get
+  ``json_object`` mode, and the reply is validated either way (``structured.ask``).
+- Retries: the openai SDK retries 408/409/429/5xx, timeouts and dropped connections with
+  exponential backoff and jitter, honouring ``Retry-After``, up to ``max_retries``; each call is
+  also capped in total time (``request_deadline_s``). A call that still fails is rejected with the
+  reason: never retried forever.
+- A rate limit shared by every actor of the run (requests and tokens per minute), held by one
+  named Ray actor.
+- The API key is read from the environment variable named by ``api_key_env`` and never stored in
+  the config, logs or outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from refed_ray.config import EngineConfig
+from refed_ray.engines.base import ChatRequest, Completion, Engine, RequestRejected
+from refed_ray.errors import UserError
+
+RATE_LIMITER_NAME = "refed-ray-rate-limiter"
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, config: EngineConfig):
+        import openai
+
+        api = config.api
+        key = os.environ.get(api.api_key_env)
+        if not key:
+            raise UserError(f"engine openai needs an API key in the environment variable {api.api_key_env}")
+        if not config.model:
+            raise UserError("engine openai needs --model (the served model's name)")
+        client_kwargs = dict(api_key=key, max_retries=api.max_retries, timeout=api.request_timeout_s)
+        if api.azure_api_version:
+            self._client = openai.AsyncAzureOpenAI(
+                azure_endpoint=api.api_base, api_version=api.azure_api_version, **client_kwargs
+            )
+        else:
+            self._client = openai.AsyncOpenAI(base_url=api.api_base, **client_kwargs)
+        self._errors = (openai.APIError, openai.APIConnectionError, openai.APITimeoutError)
+        self._bad_request = openai.BadRequestError
+        self._api = api
+        self._json_schema = api.json_schema
+        self._slots = asyncio.Semaphore(api.max_concurrent_requests)
+        self._limiter = _shared_rate_limiter()
+        self.model_name = config.model
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        await self._wait_for_rate_limit(request)
+        async with self._slots:
+            try:
+                reply = await asyncio.wait_for(self._create(request), self._api.request_deadline_s)
+            except asyncio.TimeoutError:
+                raise RequestRejected(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
+            except self._bad_request as err:
+                if self._json_schema and "response_format" in str(err):
+                    self._json_schema = False  # this server has no json_schema: fall back for good
+                    return await self.complete(request)
+                raise RequestRejected(f"API refused the request: {_describe(err)}") from None
+            except self._errors as err:
+                raise RequestRejected(f"API call failed after retries: {_describe(err)}") from None
+        choice = reply.choices[0]
+        usage = reply.usage
+        return Completion(
+            text=choice.message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=choice.finish_reason,
+        )
+
+    async def _create(self, request: ChatRequest):
+        if self._json_schema:
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": request.json_schema.get("title", "reply"), "schema": request.json_schema},
+            }
+        else:
+            response_format = {"type": "json_object"}
+        return await self._client.chat.completions.create(
+            model=self.model_name,
+            messages=request.messages,
+            response_format=response_format,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+        )
+
+    async def _wait_for_rate_limit(self, request: ChatRequest) -> None:
+        if self._limiter is None:
+            return
+        # Tokens are reserved before the call: the prompt (about 4 chars a token) plus max_tokens.
+        tokens = sum(len(m["content"]) for m in request.messages) // 4 + request.max_tokens
+        delay = await self._limiter.reserve.remote(tokens)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _describe(err: Exception) -> str:
+    status = getattr(err, "status_code", None)
+    return f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {str(err)[:300]}"
+
+
+def _shared_rate_limiter():
+    import ray
+
+    try:
+        return ray.get_actor(RATE_LIMITER_NAME)
+    except ValueError:
+        return None  # no limits configured for this run
+
+
+def start_rate_limiter(requests_per_minute: int | None, tokens_per_minute: int | None):
+    """Called once by the driver: every engine actor of the run then shares this limiter."""
+    import ray
+
+    if not requests_per_minute and not tokens_per_minute:
+        return None
+    limiter = ray.remote(num_cpus=0)(RateLimiter).options(name=RATE_LIMITER_NAME, get_if_exists=True)
+    return limiter.remote(requests_per_minute, tokens_per_minute)
+
+
+class RateLimiter:
+    """Two token buckets (requests, tokens), refilled continuously, holding 10 s of budget.
+
+    ``reserve`` takes from both at once and returns how long the caller must wait before
+    sending: reservations may run a bucket negative, so callers queue in arrival order.
+    """
+
+    BURST_SECONDS = 10.0
+
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None):
+        self.buckets = [
+            _Bucket(rate / 60.0, rate / 60.0 * self.BURST_SECONDS)
+            for rate in (requests_per_minute, tokens_per_minute)
+            if rate
+        ]
+        self.kinds = [k for k, r in (("requests", requests_per_minute), ("tokens", tokens_per_minute)) if r]
+
+    def reserve(self, tokens: int) -> float:
+        now = time.monotonic()
+        amounts = {"requests": 1, "tokens": tokens}
+        return max(bucket.take(amounts[kind], now) for bucket, kind in zip(self.buckets, self.kinds))
+
+
+class _Bucket:
+    def __init__(self, rate: float, capacity: float):
+        self.rate, self.capacity = rate, capacity
+        self.level, self.updated = capacity, time.monotonic()
+
+    def take(self, amount: float, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        self.level -= amount
+        return max(0.0, -self.level / self.rate)
