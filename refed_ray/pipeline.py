@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -50,17 +51,19 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         config.seed,
     )
     log.info("plan: %d units over %d rounds, %d references", plan.units, plan.rounds, len(plan.references_used))
+    secrets = _engine_secrets(config)
     _connect_ray()
     config = _resolve_device(config)
     if config.engine.kind == "openai":
         from refed_ray.engines.openai_engine import start_rate_limiter
 
         start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
+    engine_args = {"config_json": config.model_dump_json(), "secrets": [ray.put(secrets)]}
     used = set(plan.references_used)
-    _feedback_pass(storage, config, [r for r in seeds.references if r.reference_id in used])
+    _feedback_pass(storage, config, engine_args, [r for r in seeds.references if r.reference_id in used])
     feedback_ref = ray.put(_read_feedback(storage))
     units_before = _committed_ids(storage, "synthesis")
-    this_run = _synthesis_pass(storage, config, feedback_ref, units_before)
+    this_run = _synthesis_pass(storage, config, {**engine_args, "feedback": [feedback_ref]}, units_before)
     report = build_report(
         storage, config, seeds, plan, resumed=resumed, units_before=len(units_before),
         this_run=this_run, wall_seconds=time.time() - started,
@@ -69,7 +72,18 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     return report
 
 
-def _feedback_pass(storage: Storage, config: RunConfig, references: list) -> None:
+def _engine_secrets(config: RunConfig) -> dict[str, str]:
+    """The API key an ``openai`` engine needs, from the driver's environment: checked here, before
+    any actor starts, and handed to the actors without entering the config."""
+    if config.engine.kind != "openai":
+        return {}
+    name = config.engine.api.api_key_env
+    if not os.environ.get(name):
+        raise UserError(f"engine openai needs an API key in the environment variable {name}")
+    return {name: os.environ[name]}
+
+
+def _feedback_pass(storage: Storage, config: RunConfig, engine_args: dict, references: list) -> None:
     done = set(_committed_ids(storage, "feedback"))
     todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
     if not todo:
@@ -77,13 +91,13 @@ def _feedback_pass(storage: Storage, config: RunConfig, references: list) -> Non
     log.info("collecting feedback on %d references (%d already done)", len(todo), len(done))
     dataset = ray.data.from_items(todo).map_batches(
         FeedbackWorker,
-        fn_constructor_kwargs={"config_json": config.model_dump_json()},
+        fn_constructor_kwargs=engine_args,
         **_engine_map_args(config),
     )
     _drain(dataset)
 
 
-def _synthesis_pass(storage: Storage, config: RunConfig, feedback_ref, committed: list[str]) -> dict:
+def _synthesis_pass(storage: Storage, config: RunConfig, engine_args: dict, committed: list[str]) -> dict:
     plan = ray.data.read_parquet(
         storage.path("plan"), filesystem=_arrow_fs(storage), file_extensions=["parquet"]
     )
@@ -97,7 +111,7 @@ def _synthesis_pass(storage: Storage, config: RunConfig, feedback_ref, committed
         )
     dataset = plan.map_batches(
         SynthesisWorker,
-        fn_constructor_kwargs={"config_json": config.model_dump_json(), "feedback": [feedback_ref]},
+        fn_constructor_kwargs=engine_args,
         **_engine_map_args(config),
     )
     return _drain(dataset)

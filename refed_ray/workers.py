@@ -34,7 +34,10 @@ STATS_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string())])
 class _EngineWorker:
     pass_name: str
 
-    def __init__(self, config_json: str):
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef]):
+        # Secrets (an API key) come from the driver's environment through the object store, so
+        # they never appear in the config, the runtime env or any log.
+        os.environ.update(ray.get(secrets[0]))
         self.config = RunConfig.model_validate_json(config_json)
         self.storage = Storage(self.config.output, self.config.storage_options)
         self.engine = create_engine(self.config.engine)
@@ -79,8 +82,8 @@ class SynthesisWorker(_EngineWorker):
 
     pass_name = "synthesis"
 
-    def __init__(self, config_json: str, feedback: list[ray.ObjectRef]):
-        super().__init__(config_json)
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef]):
+        super().__init__(config_json, secrets)
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
 
     async def process(self, rows):

@@ -1,0 +1,67 @@
+"""Engine openai against a local server of the tests' own that injects every fault it must survive."""
+
+import pytest
+
+from refed_ray.engines.openai_engine import RateLimiter
+from refed_ray.pipeline import run
+from refed_ray.storage import Storage
+from tests.conftest import pairs, write_jsonl
+from tests.fault_server import FAILURES, FaultServer
+from tests.test_pipeline import make_config, rows
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+PRICES = {"teacher": {"input_per_million": 0.15, "output_per_million": 0.60}}
+
+
+def api_engine(url: str, **api) -> dict:
+    return {"kind": "openai", "model": "teacher",
+            "api": {"api_base": url, "max_retries": 3, "request_timeout_s": 2, "prices": PRICES, **api}}
+
+
+def test_faults_are_retried_as_configured_and_give_ups_are_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    transient = ["RATE429", "RATE429BARE", "ERR500", "HANG", "DROP"]
+    always = ["ALWAYS429", "BADBODY", "OFFSCHEMA"]
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
+        *pairs(2), *({"instruction": f"{m}: explain caching", "response": "Keep results."} for m in transient + always)])
+    with FaultServer() as server:
+        config = make_config(tmp_path, seeds, num_samples=60, engine=api_engine(server.url),
+                             workers={"num_engines": 1, "units_per_batch": 4})
+        report = run(config)
+    storage = Storage(config.output)
+    rejects = rows(storage, "rejects")
+    failed_feedback = {r["source"]: r["reason"] for r in rejects if r["stage"] == "feedback" and not r["unit_id"]}
+
+    # Transient faults were retried through: their references got feedback.
+    for marker in transient:
+        assert server.hits[marker] > FAILURES
+    assert not any(m in reason for reason in failed_feedback.values() for m in transient)
+    # Permanent faults became rejects with their reason, and the run completed.
+    reasons = " | ".join(failed_feedback.values())
+    assert "API call failed after retries: RateLimitError (HTTP 429)" in reasons
+    assert server.hits["ALWAYS429"] == 2 * (1 + 3)  # two feedback calls, each 1 try + max_retries
+    assert "output does not validate" in reasons  # OFFSCHEMA
+    assert len(failed_feedback) == 3
+    assert report["all_planned_samples_accounted"]
+    assert report["cost"]["total"] > 0
+    assert "sk-test-not-a-real-key" not in (tmp_path / "out" / "report.json").read_text()
+    assert "sk-test-not-a-real-key" not in (tmp_path / "out" / "run.json").read_text()
+
+
+def test_missing_api_key_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    from refed_ray.config import EngineConfig
+    from refed_ray.engines.openai_engine import OpenAIEngine
+    from refed_ray.errors import UserError
+
+    with pytest.raises(UserError, match="API key in the environment variable OPENAI_API_KEY"):
+        OpenAIEngine(EngineConfig(**api_engine("http://127.0.0.1:9/v1")))
+
+
+def test_rate_limiter_spaces_requests_after_the_burst():
+    limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=None)  # 1 a second, 10 s burst
+    delays = [limiter.reserve(100) for _ in range(13)]
+    assert delays[:10] == [0.0] * 10
+    assert 0.9 < delays[10] < 1.1 and 1.9 < delays[11] < 2.1 and 2.9 < delays[12] < 3.1
+    by_tokens = RateLimiter(requests_per_minute=None, tokens_per_minute=6000)  # 100 tokens a second
+    assert by_tokens.reserve(1000) == 0.0 and 4.9 < by_tokens.reserve(500) < 5.1
