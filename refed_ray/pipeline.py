@@ -24,7 +24,7 @@ from refed_ray.report import build_report
 from refed_ray.seeds import read_seeds
 from refed_ray.stats import merge
 from refed_ray.storage import Storage
-from refed_ray.workers import FeedbackWorker, SkipCommitted, SynthesisWorker
+from refed_ray.workers import FeedbackWorker, SynthesisWorker, skip_committed
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -103,11 +103,9 @@ def _synthesis_pass(storage: Storage, config: RunConfig, engine_args: dict, comm
     )
     if committed:
         plan = plan.map_batches(
-            SkipCommitted,
-            fn_constructor_kwargs={"id_column": "unit_id", "committed": [ray.put(committed)]},
+            skip_committed,
+            fn_kwargs={"id_column": "unit_id", "committed": [ray.put(committed)]},
             batch_format="pyarrow",
-            concurrency=1,
-            num_cpus=0.1,
         )
     dataset = plan.map_batches(
         SynthesisWorker,

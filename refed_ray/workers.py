@@ -9,6 +9,7 @@ and every unit of a batch runs its chain concurrently on the one engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -41,10 +42,14 @@ class _EngineWorker:
         self.config = RunConfig.model_validate_json(config_json)
         self.storage = Storage(self.config.output, self.config.storage_options)
         self.engine = create_engine(self.config.engine)
+        # Ray Data runs several batches of an async UDF at once within one task, on top of the
+        # tasks an actor takes in parallel: this caps what the actor works on at batches_in_flight.
+        self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
 
     async def __call__(self, batch: pa.Table):
         try:
-            ids, tables, stats = await self.process(batch.to_pylist())
+            async with self.batch_slots:
+                ids, tables, stats = await self.process(batch.to_pylist())
         except EngineDead as err:
             # Exit the actor: Ray restarts it (max_restarts) with a fresh engine and retries
             # its in-flight batches (max_task_retries). Nothing of this batch was committed.
@@ -101,12 +106,15 @@ class SynthesisWorker(_EngineWorker):
         return [u.unit_id for u in units], tables, {k: v.model_dump() for k, v in stats.items()}
 
 
-class SkipCommitted:
-    """Drops rows whose id a committed shard already covers (the resume filter)."""
+def skip_committed(batch: pa.Table, id_column: str, committed: list[ray.ObjectRef]) -> pa.Table:
+    """Drops rows whose id a committed shard already covers (the resume filter).
 
-    def __init__(self, id_column: str, committed: list[ray.ObjectRef]):
-        self.id_column = id_column
-        self.committed = pa.array(ray.get(committed[0]), pa.string())
+    A plain function, not an actor: Ray Data fuses it into the read tasks, so it takes no CPU of
+    its own (an actor here starved the reads of a 2-core machine whose other core hosts the engine).
+    """
+    return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=_committed_ids(committed[0]))))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch[self.id_column], value_set=self.committed)))
+
+@functools.lru_cache(maxsize=4)
+def _committed_ids(ref: ray.ObjectRef) -> pa.Array:
+    return pa.array(ray.get(ref), pa.string())  # once per worker process, not once per batch

@@ -2,11 +2,9 @@
 
 Each of these fails before Ray starts or any model loads."""
 
-import json
 import subprocess
 import sys
 
-import pytest
 
 from tests.conftest import ROOT, pairs, write_jsonl
 

@@ -139,17 +139,15 @@ class RateLimiter:
     BURST_SECONDS = 10.0
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None):
-        self.buckets = [
-            _Bucket(rate / 60.0, rate / 60.0 * self.BURST_SECONDS)
-            for rate in (requests_per_minute, tokens_per_minute)
-            if rate
-        ]
-        self.kinds = [k for k, r in (("requests", requests_per_minute), ("tokens", tokens_per_minute)) if r]
+        rates = {"requests": requests_per_minute, "tokens": tokens_per_minute}
+        self.buckets = {
+            kind: _Bucket(rate / 60.0, rate / 60.0 * self.BURST_SECONDS) for kind, rate in rates.items() if rate
+        }
 
     def reserve(self, tokens: int) -> float:
         now = time.monotonic()
         amounts = {"requests": 1, "tokens": tokens}
-        return max(bucket.take(amounts[kind], now) for bucket, kind in zip(self.buckets, self.kinds))
+        return max(bucket.take(amounts[kind], now) for kind, bucket in self.buckets.items())
 
 
 class _Bucket:
