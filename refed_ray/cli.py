@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="a run's OUTPUT URI")
     export.add_argument("--format", default="refed-json", choices=["refed-json", "jsonl", "sharegpt"])
     export.add_argument("--to", help="target file or URI (default: OUTPUT/export/FORMAT.json[l])")
+    export.add_argument("--config", help="the run's YAML config, for its storage_options")
     export.set_defaults(handler=_export)
     return parser
 
@@ -97,9 +98,11 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from refed_ray.config import load_config
     from refed_ray.export import export
 
-    target, count = export(args.output, args.format, args.to)
+    storage_options = load_config(args.config, {}).storage_options if args.config else None
+    target, count = export(args.output, args.format, args.to, storage_options)
     print(json.dumps({"exported": count, "to": target, "format": args.format}))
     return 0
 

@@ -21,7 +21,7 @@ from refed_ray.plan import write_plan
 from refed_ray.prompts import prompts_digest
 from refed_ray.records import Feedback, Reject, to_table
 from refed_ray.report import build_report
-from refed_ray.seeds import read_seeds
+from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import merge
 from refed_ray.storage import Storage
 from refed_ray.workers import FeedbackWorker, SynthesisWorker, skip_committed
@@ -33,16 +33,11 @@ RUN_FILE = "run.json"
 def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     started = time.time()
     storage = Storage(config.output, config.storage_options)
+    # Every user error surfaces here, before anything is written or any model loads.
     storage.check_writable()
+    secrets = _engine_secrets(config)
     seeds = read_seeds(config.seeds, config.max_bad_seeds, config.storage_options)
-    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
-    if force_new:
-        _clear(storage)
-    resumed = _check_resume(storage, fingerprint)
-    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
-    storage.remove_orphans(["feedback", "data", "rejects"])
-    storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
-
+    resumed = _open_output(storage, config, seeds, force_new)
     plan = write_plan(
         storage,
         [ref.reference_id for ref in seeds.references],
@@ -51,25 +46,42 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         config.seed,
     )
     log.info("plan: %d units over %d rounds, %d references", plan.units, plan.rounds, len(plan.references_used))
-    secrets = _engine_secrets(config)
+
     _connect_ray()
     config = _resolve_device(config)
-    if config.engine.kind == "openai":
-        from refed_ray.engines.openai_engine import start_rate_limiter
-
-        start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
+    _start_rate_limiter(config)
     engine_args = {"config_json": config.model_dump_json(), "secrets": [ray.put(secrets)]}
     used = set(plan.references_used)
     _feedback_pass(storage, config, engine_args, [r for r in seeds.references if r.reference_id in used])
     feedback_ref = ray.put(_read_feedback(storage))
     units_before = _committed_ids(storage, "synthesis")
     this_run = _synthesis_pass(storage, config, {**engine_args, "feedback": [feedback_ref]}, units_before)
+
     report = build_report(
         storage, config, seeds, plan, resumed=resumed, units_before=len(units_before),
         this_run=this_run, wall_seconds=time.time() - started,
     )
     storage.write_json("report.json", report)
     return report
+
+
+def _open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
+    """Start or resume OUTPUT: True when resuming an earlier, compatible run."""
+    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
+    if force_new:
+        _clear(storage)
+    resumed = _check_resume(storage, fingerprint)
+    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
+    storage.remove_orphans(["feedback", "data", "rejects"])
+    storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
+    return resumed
+
+
+def _start_rate_limiter(config: RunConfig) -> None:
+    if config.engine.kind == "openai":
+        from refed_ray.engines.openai_engine import start_rate_limiter
+
+        start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
 
 
 def _engine_secrets(config: RunConfig) -> dict[str, str]:
