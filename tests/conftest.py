@@ -24,6 +24,14 @@ def local_ray():
     ray.shutdown()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     import json
 

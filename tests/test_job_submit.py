@@ -6,7 +6,6 @@ that the second submission resumed: every planned sample once, none twice."""
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ import pytest
 import yaml
 
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, pairs, write_jsonl
+from tests.conftest import ROOT, free_port, pairs, write_jsonl
 
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray 2.60 clusters use token auth: the head, the job client and the job's driver share a token.
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

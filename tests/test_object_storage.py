@@ -3,7 +3,6 @@ with AWS_ENDPOINT_URL, as a user would point refed-ray at MinIO or any S3-compat
 
 import json
 import os
-import socket
 
 import pytest
 
@@ -14,14 +13,8 @@ from refed_ray.engines.default_model import fetch_remote_model  # noqa: E402
 from refed_ray.export import export  # noqa: E402
 from refed_ray.pipeline import run  # noqa: E402
 from refed_ray.storage import Storage  # noqa: E402
-from tests.conftest import pairs  # noqa: E402
+from tests.conftest import free_port, pairs  # noqa: E402
 from tests.test_pipeline import make_config, rows  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

