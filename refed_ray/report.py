@@ -30,10 +30,12 @@ def build_report(
         for marker in storage.markers(pass_name):
             merge(stages, marker.stats)
             units_committed += len(marker.ids) if pass_name == "synthesis" else 0
-    lost = sum(
-        pc.sum(table.column("lost_samples")).as_py() or 0
-        for table in storage.iter_committed_tables("rejects")
-    )
+    lost = units_rejected = 0
+    for table in storage.iter_committed_tables("rejects"):
+        lost += pc.sum(table.column("lost_samples")).as_py() or 0
+        # A whole unit failed (its feedback or its instructions): one row, sample_index -1.
+        whole_unit = pc.and_(pc.equal(table.column("sample_index"), -1), pc.not_equal(table.column("unit_id"), ""))
+        units_rejected += pc.sum(pc.cast(whole_unit, "int64")).as_py() or 0
     samples = stages["refinement"].rows_out
     planned_samples = plan.units * config.instructions_per_aspect
     run_stats = {k: StageStats(**v.model_dump()) for k, v in this_run["stats"].items()}
@@ -60,6 +62,7 @@ def build_report(
             "committed": units_committed,
             "resumed": units_before,
             "this_run": units_committed - units_before,
+            "rejected": units_rejected,
         },
         "cost": _cost(config, stages),
         "samples": samples,

