@@ -140,9 +140,12 @@ def _engine_map_args(config: RunConfig) -> dict[str, Any]:
         batch_size=workers.units_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            size=workers.num_engines, max_tasks_in_flight_per_actor=workers.batches_in_flight
+            size=workers.num_engines,
+            max_tasks_in_flight_per_actor=workers.batches_in_flight,
+            max_concurrent_calls_per_actor=workers.batches_in_flight,  # async actor: batches overlap
         ),
-        max_concurrency=workers.batches_in_flight,
+        # Bounded, not Ray Data's default of forever. Ray 2.60 has no named parameter for these
+        # two yet, hence its deprecation warning on "ray_remote_args".
         max_restarts=workers.max_restarts,
         max_task_retries=workers.max_task_retries,
         **resources,

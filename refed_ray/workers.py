@@ -55,7 +55,9 @@ class _EngineWorker:
             # its in-flight batches (max_task_retries). Nothing of this batch was committed.
             log.error("engine died, restarting the actor: %s", err)
             os._exit(1)
-        marker = self.storage.commit_shard(self.pass_name, ids, tables, stats)
+        # Off the event loop: a shard's writes (object-store PUTs) must not stall the other
+        # batches' requests to the engine.
+        marker = await asyncio.to_thread(self.storage.commit_shard, self.pass_name, ids, tables, stats)
         yield pa.table({"shard": [marker.shard], "stats": [json.dumps(marker.stats)]}, STATS_SCHEMA)
 
     async def process(self, rows: list[dict[str, Any]]):
