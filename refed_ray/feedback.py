@@ -20,7 +20,7 @@ from refed_ray.records import (
     response_analysis_model,
 )
 from refed_ray.stats import StageStats
-from refed_ray.structured import ask_or_reject, derive_seed
+from refed_ray.structured import ask, derive_seed
 
 
 @dataclass
@@ -34,14 +34,14 @@ async def collect_feedback(engine: Engine, reference: Reference, config: RunConf
     budget = dict(max_tokens=config.sampling.feedback_max_tokens, sampling=config.sampling)
     seed = derive_seed(config.seed, "feedback", reference.reference_id)
     on_instruction, on_response = await asyncio.gather(
-        ask_or_reject(
+        ask(
             engine,
             render("feedback_instruction", instruction=reference.instruction),
             instruction_analysis_model(config.sampling.feedback_max_chars),
             seed=derive_seed(seed, "instruction"),
             **budget,
         ),
-        ask_or_reject(
+        ask(
             engine,
             render("feedback_response", instruction=reference.instruction, response=reference.response),
             response_analysis_model(config.sampling.feedback_max_chars),

@@ -7,7 +7,7 @@ from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
 from refed_ray.prompts import render
 from refed_ray.records import Feedback, WorkUnit, instruction_list_model
-from refed_ray.structured import Answer, ask_or_reject, derive_seed
+from refed_ray.structured import Answer, ask, derive_seed
 
 ASPECT_LABELS = {"subject_areas": "subject areas", "relevant_skills": "relevant skills"}
 
@@ -24,7 +24,7 @@ async def synthesize_instructions(
         aspect_feedback=getattr(feedback, unit.aspect),
         count=k,
     )
-    return await ask_or_reject(
+    return await ask(
         engine,
         messages,
         instruction_list_model(k, config.sampling.instruction_max_chars),

@@ -49,8 +49,8 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
 
     _connect_ray()
     config = _resolve_device(config)
-    _start_rate_limiter(config)
-    engine_args = {"config_json": config.model_dump_json(), "secrets": [ray.put(secrets)]}
+    # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
+    engine_args = {"config_json": config.model_dump_json(), "secrets": [ray.put(secrets)], **_rate_limiter(config)}
     used = set(plan.references_used)
     _feedback_pass(storage, config, engine_args, [r for r in seeds.references if r.reference_id in used])
     feedback_ref = ray.put(_read_feedback(storage))
@@ -77,11 +77,14 @@ def _open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new:
     return resumed
 
 
-def _start_rate_limiter(config: RunConfig) -> None:
-    if config.engine.kind == "openai":
-        from refed_ray.engines.openai_engine import start_rate_limiter
+def _rate_limiter(config: RunConfig) -> dict[str, Any]:
+    """The actor that spaces every API engine's calls to the configured rates, as an engine arg."""
+    if config.engine.kind != "openai":
+        return {}
+    from refed_ray.engines.openai_engine import start_rate_limiter
 
-        start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
+    limiter = start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
+    return {"rate_limiter": [limiter]} if limiter else {}
 
 
 def _engine_secrets(config: RunConfig) -> dict[str, str]:

@@ -11,7 +11,7 @@ from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
 from refed_ray.prompts import render
 from refed_ray.records import Feedback, refinement_model
-from refed_ray.structured import Answer, ask_or_reject
+from refed_ray.structured import Answer, ask
 
 
 async def refine_response(
@@ -24,7 +24,7 @@ async def refine_response(
         response=response,
         response_feedback=feedback.response_feedback,
     )
-    return await ask_or_reject(
+    return await ask(
         engine,
         messages,
         refinement_model(

@@ -7,7 +7,7 @@ from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
 from refed_ray.prompts import render
 from refed_ray.records import Feedback, response_model
-from refed_ray.structured import Answer, ask_or_reject
+from refed_ray.structured import Answer, ask
 
 
 async def synthesize_response(
@@ -20,7 +20,7 @@ async def synthesize_response(
         reference_response=feedback.reference_response,
         instruction=instruction,
     )
-    return await ask_or_reject(
+    return await ask(
         engine,
         messages,
         response_model(config.sampling.response_max_chars),

@@ -128,7 +128,8 @@ class Storage:
         return marker
 
     def markers(self, pass_name: str) -> list[Marker]:
-        paths = self.list(f"_markers/{pass_name}")
+        # Only whole markers: a local write killed midway leaves a "<shard>.json.tmp-<uuid>".
+        paths = [p for p in self.list(f"_markers/{pass_name}") if p.endswith(".json")]
         blobs = self.fs.cat([self.path(p) for p in paths]) if paths else {}
         return [Marker(**json.loads(blob)) for blob in blobs.values()]
 
@@ -146,9 +147,15 @@ class Storage:
         }
 
     def remove_orphans(self, folders: Iterable[str]) -> list[str]:
-        """Delete files no marker commits: leftovers of a run killed between data and marker."""
+        """Delete files no marker commits, and half-written markers: leftovers of a killed run."""
         committed = self._all_committed()
         orphans = [name for folder in folders for name in self.list(folder) if name not in committed]
+        orphans += [
+            name
+            for pass_dir in self.list("_markers")
+            for name in self.list(pass_dir)
+            if not name.endswith(".json")
+        ]
         for name in orphans:
             self.delete(name)
         return orphans

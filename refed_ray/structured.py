@@ -51,9 +51,13 @@ async def ask(
         answer.calls += 1
         try:
             completion = await engine.complete(request)
-        except (RequestRejected, EngineDead):
-            # A prompt too long fails the same way every time; a dead engine ends the actor.
-            raise
+        except RequestRejected as err:
+            # A prompt too long, or an API that gave up after its own retries: trying again
+            # here would fail the same way. Earlier attempts' tokens stay counted.
+            answer.error = str(err)
+            return answer
+        except EngineDead:
+            raise  # ends the actor: Ray restarts it and retries the batch
         except Exception as err:  # one request's failure must not fail its batch
             answer.error = f"engine error: {type(err).__name__}: {err}"
             continue
@@ -72,14 +76,6 @@ async def ask(
         return answer
     answer.error = f"{answer.error} (after {answer.calls} attempts)"
     return answer
-
-
-async def ask_or_reject(engine: Engine, messages, schema, **kwargs) -> Answer:
-    """``ask``, with a request the engine refuses turned into an unanswered ``Answer``."""
-    try:
-        return await ask(engine, messages, schema, **kwargs)
-    except RequestRejected as err:
-        return Answer(error=str(err), calls=1)
 
 
 def _first_problem(err: ValidationError) -> str:

@@ -35,13 +35,13 @@ STATS_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string())])
 class _EngineWorker:
     pass_name: str
 
-    def __init__(self, config_json: str, secrets: list[ray.ObjectRef]):
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], rate_limiter: list | None = None):
         # Secrets (an API key) come from the driver's environment through the object store, so
         # they never appear in the config, the runtime env or any log.
         os.environ.update(ray.get(secrets[0]))
         self.config = RunConfig.model_validate_json(config_json)
         self.storage = Storage(self.config.output, self.config.storage_options)
-        self.engine = create_engine(self.config.engine)
+        self.engine = create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None)
         # Ray Data runs several batches of an async UDF at once within one task, on top of the
         # tasks an actor takes in parallel: this caps what the actor works on at batches_in_flight.
         self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
@@ -89,8 +89,8 @@ class SynthesisWorker(_EngineWorker):
 
     pass_name = "synthesis"
 
-    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef]):
-        super().__init__(config_json, secrets)
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef], **kwargs):
+        super().__init__(config_json, secrets, **kwargs)
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
 
     async def process(self, rows):

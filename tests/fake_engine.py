@@ -8,7 +8,10 @@ reproducible. ``engine_kwargs`` inject faults:
 - ``invalid_rate``: {schema title: fraction} of prompts (by content) that always get invalid JSON;
 - ``delay``: seconds per call;
 - ``die_file``: while this file exists, the first call of an actor deletes it and kills the
-  actor's process (an engine that dies mid-batch).
+  actor's process (an engine that dies mid-batch);
+- ``die_writing``: ``{"file": path, "folder": "data"}``: while the file exists, the actor's first
+  write into that output folder stops half way through its staging file and kills the process
+  (a node lost in the middle of committing a shard).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class FakeEngine(Engine):
     def __init__(self, config: EngineConfig):
         self.model_name = "fake-teacher"
         self.options = config.engine_kwargs
+        if "die_writing" in self.options:
+            _die_in_the_middle_of_a_write(**self.options["die_writing"])
 
     async def complete(self, request: ChatRequest) -> Completion:
         prompt = request.messages[-1]["content"]
@@ -78,3 +83,29 @@ def instance(schema: dict, rng: random.Random, defs: dict | None = None) -> obje
     words = ["clear", "precise", "example", "step", "reason", "data", "context", "answer", "idea"]
     text = " ".join(rng.choice(words) for _ in range(12))
     return text[: schema.get("maxLength", len(text))]
+
+
+def _die_in_the_middle_of_a_write(file: str, folder: str) -> None:
+    from refed_ray.storage import Storage
+
+    write_bytes = Storage.write_bytes
+
+    def dying_write(self, relative: str, data: bytes) -> None:
+        if relative.startswith(folder + "/") and _take(file):
+            target = self.path(relative)
+            self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(f"{target}.tmp-killed", "wb") as handle:  # what a staged write leaves
+                handle.write(data[: len(data) // 2])
+            os._exit(1)
+        write_bytes(self, relative, data)
+
+    Storage.write_bytes = dying_write
+
+
+def _take(flag: str) -> bool:
+    """True for the one caller that removes ``flag``: each injected death happens once."""
+    try:
+        os.remove(flag)
+        return True
+    except FileNotFoundError:
+        return False

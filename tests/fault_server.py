@@ -6,7 +6,9 @@ A marker word in the prompt picks the behaviour; ``transient`` faults hit only t
 - ERR500 (transient): 500                               - HANG (transient): no answer for 30 s
 - DROP (transient): connection closed without a reply   - ALWAYS429 (always): 429
 - BADBODY (always): a 200 whose body is not JSON        - OFFSCHEMA (always): JSON off the schema
-Otherwise it answers with a valid instance of the request's JSON schema.
+Otherwise it answers with a valid instance of the request's JSON schema. A server made with
+``json_schema=False`` refuses ``response_format: json_schema`` with a 400, like servers without
+structured outputs, and answers JSON-mode requests from the schema given in the prompt.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ ALWAYS = ("ALWAYS429", "BADBODY", "OFFSCHEMA")
 
 
 class FaultServer:
-    def __init__(self):
+    def __init__(self, json_schema: bool = True):
+        self.json_schema = json_schema
         self.hits: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -53,6 +56,11 @@ class FaultServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body["response_format"]["type"] == "json_schema" and not server.json_schema:
+                    with server.lock:
+                        server.hits["REFUSED_SCHEMA"] += 1
+                    message = "response_format json_schema is not supported by this server"
+                    return self.reply(400, {"error": {"message": message, "type": "invalid_request_error"}})
                 prompt = body["messages"][-1]["content"]
                 marker = next((m for m in TRANSIENT + ALWAYS if m in prompt), None)
                 with server.lock:
@@ -96,7 +104,11 @@ class FaultServer:
 
 
 def reply_for(body: dict) -> object:
-    schema = body["response_format"]["json_schema"]["schema"]
+    if body["response_format"]["type"] == "json_schema":
+        schema = body["response_format"]["json_schema"]["schema"]
+    else:  # JSON mode: the engine put the schema into its system message
+        system = body["messages"][0]["content"]
+        schema = json.loads(system[system.index("{"):])
     return instance(schema, random.Random(body.get("seed", 0)))
 
 

@@ -33,33 +33,31 @@ def test_engine_actor_killed_mid_batch_is_restarted_and_loses_nothing(tmp_path):
     assert report["samples"] == 48 and report["all_planned_samples_accounted"]
 
 
-def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", ["data", "_markers/synthesis"])
+def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, folder):
+    """An actor's process dies half way through writing a shard's data or its marker."""
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
-    config = make_config(tmp_path, seeds, num_samples=18)
-    run(config)
+    flag = tmp_path / "die-writing"
+    flag.write_text("")
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"die_writing": {"file": str(flag), "folder": folder}}}
+    config = make_config(tmp_path, seeds, num_samples=18, engine=engine, workers={"num_engines": 1, "units_per_batch": 2})
+    report = run(config)
     storage = Storage(config.output)
-    before = unit_samples(storage)
+    assert not flag.exists()  # the write was killed
+    assert storage.list(folder) != [n for n in storage.list(folder) if ".tmp-" not in n]  # its half-file is there
+    # Ray restarted the actor and retried the batch: every sample once, the half-file never read.
+    assert unit_samples(storage) == planned_samples(storage, 3)
+    assert report["samples"] == 18 and report["all_planned_samples_accounted"]
 
-    # A worker killed while writing leaves a temporary file, or (object stores: never; but a
-    # shard whose marker never came) a complete file no marker names. Readers see neither.
-    (tmp_path / "out" / "data" / "synthesis-deadbeef.parquet.tmp-1234").write_bytes(b"PAR1\x00partial")
+    # On object stores a kill leaves no partial object, but maybe a whole shard whose marker
+    # never came: no reader sees it either.
     storage.write_table("data/synthesis-orphan.parquet", pa.table({"unit_id": ["x"], "sample_index": [0]}))
-    assert unit_samples(storage) == before
+    assert unit_samples(storage) == planned_samples(storage, 3)
 
-    def broken_pipe(path, data, **kwargs):
-        with open(path, "wb") as handle:
-            handle.write(data[: len(data) // 2])
-        raise OSError("killed mid-write")
-
-    monkeypatch.setattr(storage.fs, "pipe_file", broken_pipe)
-    with pytest.raises(OSError):
-        storage.write_table("data/synthesis-new.parquet", pa.table({"unit_id": ["y"]}))
-    assert not storage.exists("data/synthesis-new.parquet")
-    monkeypatch.undo()
-
-    again = run(config)
-    assert unit_samples(storage) == before == planned_samples(storage, 3)
+    again = run(config)  # the rerun resumes everything and removes the leftovers
+    assert unit_samples(storage) == planned_samples(storage, 3)
     assert sorted(storage.list("data")) == storage.committed_files("data")
+    assert all(name.endswith(".json") for name in storage.list("_markers/synthesis"))
     assert again["units"]["resumed"] == 6 and again["units"]["this_run"] == 0
 
 

@@ -25,7 +25,9 @@ def test_faults_are_retried_as_configured_and_give_ups_are_rejected(tmp_path, mo
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [
         *pairs(2), *({"instruction": f"{m}: explain caching", "response": "Keep results."} for m in transient + always)])
     with FaultServer() as server:
-        config = make_config(tmp_path, seeds, num_samples=60, engine=api_engine(server.url),
+        # Rate limits far above what the test sends: the shared limiter must be running, not hit.
+        config = make_config(tmp_path, seeds, num_samples=60,
+                             engine=api_engine(server.url, requests_per_minute=60_000, tokens_per_minute=10**8),
                              workers={"num_engines": 1, "units_per_batch": 4})
         report = run(config)
     storage = Storage(config.output)
@@ -46,6 +48,18 @@ def test_faults_are_retried_as_configured_and_give_ups_are_rejected(tmp_path, mo
     assert report["cost"]["total"] > 0
     assert "sk-test-not-a-real-key" not in (tmp_path / "out" / "report.json").read_text()
     assert "sk-test-not-a-real-key" not in (tmp_path / "out" / "run.json").read_text()
+
+
+def test_server_without_json_schema_falls_back_to_json_mode(tmp_path, monkeypatch):
+    """One request slot per actor: the fallback must not wait on the slot its own call holds."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    with FaultServer(json_schema=False) as server:
+        config = make_config(tmp_path, seeds, num_samples=6, engine=api_engine(server.url, max_concurrent_requests=1),
+                             workers={"num_engines": 1, "units_per_batch": 2})
+        report = run(config)
+    assert server.hits["REFUSED_SCHEMA"] >= 1
+    assert report["samples"] == 6 and not rows(Storage(config.output), "rejects")
 
 
 def test_missing_api_key_is_a_clear_error(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ class Engine(ABC):
         """Release the engine's processes and memory."""
 
 
-def create_engine(config: EngineConfig) -> Engine:
+def create_engine(config: EngineConfig, rate_limiter=None) -> Engine:
+    """The engine ``config`` names; ``rate_limiter`` is the run's shared limiter (API engines)."""
     if config.kind == "vllm":
         from refed_ray.engines.vllm_engine import VLLMEngine
 
@@ -56,7 +57,7 @@ def create_engine(config: EngineConfig) -> Engine:
     if config.kind == "openai":
         from refed_ray.engines.openai_engine import OpenAIEngine
 
-        return OpenAIEngine(config)
+        return OpenAIEngine(config, rate_limiter)
     return load_class(config.class_path)(config)
 
 

@@ -8,7 +8,7 @@ SGLang, TGI, ...). Runs on CPU-only actors.
   also capped in total time (``request_deadline_s``). A call that still fails is rejected with the
   reason: never retried forever.
 - A rate limit shared by every actor of the run (requests and tokens per minute), held by one
-  named Ray actor.
+  Ray actor that the driver starts and hands to each engine.
 - The API key is read from the environment variable named by ``api_key_env`` and never stored in
   the config, logs or outputs.
 """
@@ -16,6 +16,7 @@ SGLang, TGI, ...). Runs on CPU-only actors.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -23,11 +24,11 @@ from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine, RequestRejected
 from refed_ray.errors import UserError
 
-RATE_LIMITER_NAME = "refed-ray-rate-limiter"
+JSON_MODE_INSTRUCTION = "Reply with one JSON object that follows this JSON schema: "
 
 
 class OpenAIEngine(Engine):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, rate_limiter=None):
         import openai
 
         api = config.api
@@ -48,23 +49,24 @@ class OpenAIEngine(Engine):
         self._api = api
         self._json_schema = api.json_schema
         self._slots = asyncio.Semaphore(api.max_concurrent_requests)
-        self._limiter = _shared_rate_limiter()
+        if (api.requests_per_minute or api.tokens_per_minute) and rate_limiter is None:
+            raise ValueError("rate limits are configured but no shared rate limiter was given")
+        self._limiter = rate_limiter
         self.model_name = config.model
 
     async def complete(self, request: ChatRequest) -> Completion:
         await self._wait_for_rate_limit(request)
-        async with self._slots:
-            try:
-                reply = await asyncio.wait_for(self._create(request), self._api.request_deadline_s)
-            except asyncio.TimeoutError:
-                raise RequestRejected(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
-            except self._bad_request as err:
-                if self._json_schema and "response_format" in str(err):
-                    self._json_schema = False  # this server has no json_schema: fall back for good
-                    return await self.complete(request)
+        use_schema = self._json_schema
+        try:
+            reply = await self._send(request, use_schema)
+        except self._bad_request as err:
+            if not (use_schema and "response_format" in str(err)):
                 raise RequestRejected(f"API refused the request: {_describe(err)}") from None
-            except self._errors as err:
-                raise RequestRejected(f"API call failed after retries: {_describe(err)}") from None
+            self._json_schema = False  # this server has no json_schema: JSON mode from now on
+            try:
+                reply = await self._send(request, use_schema=False)
+            except self._bad_request as err:
+                raise RequestRejected(f"API refused the request: {_describe(err)}") from None
         choice = reply.choices[0]
         usage = reply.usage
         return Completion(
@@ -74,17 +76,34 @@ class OpenAIEngine(Engine):
             finish_reason=choice.finish_reason,
         )
 
-    async def _create(self, request: ChatRequest):
-        if self._json_schema:
+    async def _send(self, request: ChatRequest, use_schema: bool):
+        """One call (with the SDK's retries) inside a concurrency slot; the slot is released
+        before any fallback, so a retry never waits on its own slot."""
+        async with self._slots:
+            try:
+                return await asyncio.wait_for(self._create(request, use_schema), self._api.request_deadline_s)
+            except asyncio.TimeoutError:
+                raise RequestRejected(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
+            except self._bad_request:
+                raise
+            except self._errors as err:
+                raise RequestRejected(f"API call failed after retries: {_describe(err)}") from None
+
+    async def _create(self, request: ChatRequest, use_schema: bool):
+        messages = request.messages
+        if use_schema:
             response_format = {
                 "type": "json_schema",
                 "json_schema": {"name": request.json_schema.get("title", "reply"), "schema": request.json_schema},
             }
         else:
+            # JSON mode constrains the syntax only: the schema itself goes into the prompt.
             response_format = {"type": "json_object"}
+            messages = [{"role": "system", "content": JSON_MODE_INSTRUCTION + json.dumps(request.json_schema)},
+                        *messages]
         return await self._client.chat.completions.create(
             model=self.model_name,
-            messages=request.messages,
+            messages=messages,
             response_format=response_format,
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -110,23 +129,14 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {str(err)[:300]}"
 
 
-def _shared_rate_limiter():
-    import ray
-
-    try:
-        return ray.get_actor(RATE_LIMITER_NAME)
-    except ValueError:
-        return None  # no limits configured for this run
-
-
 def start_rate_limiter(requests_per_minute: int | None, tokens_per_minute: int | None):
-    """Called once by the driver: every engine actor of the run then shares this limiter."""
+    """Called once by the driver, which hands the actor to every engine actor of the run and
+    holds it until the run ends (an actor lives as long as a handle to it does)."""
     import ray
 
     if not requests_per_minute and not tokens_per_minute:
         return None
-    limiter = ray.remote(num_cpus=0)(RateLimiter).options(name=RATE_LIMITER_NAME, get_if_exists=True)
-    return limiter.remote(requests_per_minute, tokens_per_minute)
+    return ray.remote(num_cpus=0)(RateLimiter).remote(requests_per_minute, tokens_per_minute)
 
 
 class RateLimiter:
