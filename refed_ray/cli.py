@@ -54,6 +54,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["vllm", "openai", "custom"], help="teacher engine kind")
     parser.add_argument("--api-base", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     parser.add_argument("--num-engines", type=int, help="engine actors (one engine each)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                        help="vLLM engines: auto = cuda when the cluster has GPUs now (pass cuda on "
+                             "autoscaling clusters whose GPU workers start at zero)")
     parser.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
     parser.add_argument("--seed", type=int, help="run seed")
     parser.add_argument("--max-bad-seeds", type=int, help="bad seed rows skipped before stopping")
@@ -76,6 +79,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
             "engine.model": args.model,
             "engine.kind": args.engine,
             "engine.api.api_base": args.api_base,
+            "engine.device": args.device,
             "engine.tensor_parallel_size": args.tensor_parallel_size,
             "workers.num_engines": args.num_engines,
         },

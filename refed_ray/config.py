@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refed_ray.errors import UserError
 
@@ -64,6 +64,14 @@ class EngineConfig(_Section):
     class_path: str | None = Field(None, description="module:Class of a custom engine")
     api: ApiConfig = Field(default_factory=ApiConfig)
 
+    @model_validator(mode="after")
+    def _kind_has_what_it_needs(self) -> EngineConfig:
+        if self.kind == "openai" and not self.model:
+            raise ValueError("engine kind 'openai' needs model (the served model's name, --model)")
+        if self.kind == "custom" and not self.class_path:
+            raise ValueError("engine kind 'custom' needs class_path ('module:Class')")
+        return self
+
 
 class SamplingConfig(_Section):
     """Decoding settings and per-step budgets. Char limits bound the structured outputs."""
@@ -102,11 +110,17 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, description="run seed: the plan and every sampling seed follow it")
     max_bad_seeds: int = Field(10, ge=0, description="bad seed rows skipped before the run stops")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for the seeds and output URIs"
+        default_factory=dict, description="fsspec options for the output URI (and the seeds by default)"
+    )
+    seeds_storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for the seeds URI when they differ (e.g. anon: true)"
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    def seeds_options(self) -> dict[str, Any]:
+        return self.storage_options if self.seeds_storage_options is None else self.seeds_storage_options
 
     def model_name(self) -> str:
         return self.engine.model or "gemma-3-270m (embedded default)"
@@ -137,15 +151,18 @@ _REPLY_SHAPING_ENGINE_FIELDS = {
     "engine_kwargs": True,
     "api": {"api_base": True, "json_schema": True},
 }
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+def is_secret_name(name: object) -> bool:
+    """Keys whose values are credentials (s3fs ``key``/``secret``, ``api_key``, ``session_token``,
+    ``aws_secret_access_key``, ...), not ones that merely mention them (``api_key_env``, ``max_tokens``)."""
+    name = str(name).lower()
+    return name in {"key", "secret", "token", "password", "credentials"} or name.endswith(
+        ("_key", "_secret", "_token", "_password", "secret_access_key", "_credentials")
+    )
 
 
 def _redact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else _redact(v)
-            for k, v in value.items()
-        }
+        return {k: "***" if is_secret_name(k) and v else _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
     return value
@@ -165,6 +182,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise UserError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
@@ -175,7 +194,11 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                raise UserError(f"invalid config ({where}): {key} must be a mapping, got {node[key]!r}")
+            node = node[key]
         node[leaf] = value
     try:
         return RunConfig.model_validate(data)
@@ -188,8 +211,11 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     for problem in err.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
+        got = f" (got {problem.get('input')!r})"
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-        got = "" if problem["type"] == "missing" else f" (got {problem.get('input')!r})"
+            got = ""  # its value may be a credential under a misspelt name
+        if problem["type"] == "missing" or any(is_secret_name(part) for part in problem["loc"]):
+            got = ""
         lines.append(f"  {field}: {message}{got}")
     return "\n".join(lines)

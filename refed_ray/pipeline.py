@@ -16,6 +16,7 @@ import pyarrow.fs
 import ray
 
 from refed_ray.config import RunConfig
+from refed_ray.engines.base import load_class
 from refed_ray.errors import UserError
 from refed_ray.plan import write_plan
 from refed_ray.prompts import prompts_digest
@@ -35,8 +36,9 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     storage = Storage(config.output, config.storage_options)
     # Every user error surfaces here, before anything is written or any model loads.
     storage.check_writable()
+    _check_engine(config)
     secrets = _engine_secrets(config)
-    seeds = read_seeds(config.seeds, config.max_bad_seeds, config.storage_options)
+    seeds = read_seeds(config.seeds, config.max_bad_seeds, config.seeds_options())
     resumed = _open_output(storage, config, seeds, force_new)
     plan = write_plan(
         storage,
@@ -49,8 +51,14 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
 
     _connect_ray()
     config = _resolve_device(config)
+    # Workers get the output's full URI: their working directory is not the driver's.
+    worker_config = config.model_copy(update={"output": storage.full_uri()})
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
-    engine_args = {"config_json": config.model_dump_json(), "secrets": [ray.put(secrets)], **_rate_limiter(config)}
+    engine_args = {
+        "config_json": worker_config.model_dump_json(),
+        "secrets": [ray.put(secrets)],
+        **_rate_limiter(config),
+    }
     used = set(plan.references_used)
     _feedback_pass(storage, config, engine_args, [r for r in seeds.references if r.reference_id in used])
     feedback_ref = ray.put(_read_feedback(storage))
@@ -70,7 +78,7 @@ def _open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new:
     fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
     if force_new:
         _clear(storage)
-    resumed = _check_resume(storage, fingerprint)
+    resumed = _check_resume(storage, fingerprint, config.num_samples)
     storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
     storage.remove_orphans(["feedback", "data", "rejects"])
     storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
@@ -85,6 +93,18 @@ def _rate_limiter(config: RunConfig) -> dict[str, Any]:
 
     limiter = start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
     return {"rate_limiter": [limiter]} if limiter else {}
+
+
+def _check_engine(config: RunConfig) -> None:
+    """What the driver can check of the engine before actors start: a custom engine's class
+    imports, a local model folder exists (hub ids and object-storage folders are fetched later)."""
+    engine = config.engine
+    if engine.kind == "custom":
+        load_class(engine.class_path)
+    model = engine.model or ""
+    if engine.kind == "vllm" and model.startswith(("/", "./", "../", "~")):
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise UserError(f"engine.model {model!r} is not a folder on this machine")
 
 
 def _engine_secrets(config: RunConfig) -> dict[str, str]:
@@ -179,11 +199,24 @@ def _committed_ids(storage: Storage, pass_name: str) -> list[str]:
     return [i for marker in storage.markers(pass_name) for i in marker.ids]
 
 
-def _check_resume(storage: Storage, fingerprint: dict[str, str]) -> bool:
+def _check_resume(storage: Storage, fingerprint: dict[str, str], num_samples: int) -> bool:
     """True when OUTPUT holds an earlier, compatible run; refuse an incompatible one."""
     if not storage.exists(RUN_FILE):
+        if storage.list(""):
+            raise UserError(
+                f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): "
+                "choose a new or empty --output (a run deletes files it does not know there)"
+            )
         return False
-    previous = storage.read_json(RUN_FILE)["fingerprint"]
+    run_file = storage.read_json(RUN_FILE)
+    planned_for = run_file["config"]["num_samples"]
+    if num_samples < planned_for and storage.markers("synthesis"):
+        raise UserError(
+            f"{storage.uri} was planned for {planned_for} samples; a resume can grow the plan, not "
+            f"shrink it (committed units would fall outside it): pass --num-samples {planned_for} "
+            "or more, or --force-new"
+        )
+    previous = run_file["fingerprint"]
     differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
     if differs:
         details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
@@ -196,7 +229,7 @@ def _check_resume(storage: Storage, fingerprint: dict[str, str]) -> bool:
 
 
 def _clear(storage: Storage) -> None:
-    for name in (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "_markers"):
+    for name in (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "_markers", "_attempts"):
         if storage.exists(name):
             storage.delete(name)
 
@@ -210,6 +243,11 @@ def _resolve_device(config: RunConfig) -> RunConfig:
     if config.engine.device != "auto" or config.engine.kind != "vllm":
         return config
     device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if device == "cpu":
+        log.warning(
+            "engine.device auto: no GPU in the Ray cluster now, so engines run on CPU. On an "
+            "autoscaling cluster whose GPU workers start at zero, pass --device cuda."
+        )
     return config.model_copy(update={"engine": config.engine.model_copy(update={"device": device})})
 
 

@@ -25,11 +25,14 @@ def build_report(
     wall_seconds: float,
 ) -> dict[str, Any]:
     stages = empty_stats()
-    units_committed = 0
-    for pass_name in ("feedback", "synthesis"):
+    committed = {"feedback": 0, "synthesis": 0}
+    retried = {"feedback": 0, "synthesis": 0}  # ids whose batch Ray ran again on a restarted actor
+    for pass_name in committed:
         for marker in storage.markers(pass_name):
             merge(stages, marker.stats)
-            units_committed += len(marker.ids) if pass_name == "synthesis" else 0
+            committed[pass_name] += len(marker.ids)
+            retried[pass_name] += len(marker.ids) if marker.attempt > 1 else 0
+    units_committed = committed["synthesis"]
     lost = units_rejected = 0
     for table in storage.iter_committed_tables("rejects"):
         lost += pc.sum(table.column("lost_samples")).as_py() or 0
@@ -48,6 +51,7 @@ def build_report(
             "usable": len(seeds.references),
             "skipped": len(seeds.skipped),
             "used": len(plan.references_used),
+            "feedback_retried": retried["feedback"],
         },
         "feedback_calls": stages["feedback"].calls,
         "feedback_rows": stages["feedback"].rows_out,
@@ -62,6 +66,7 @@ def build_report(
             "committed": units_committed,
             "resumed": units_before,
             "this_run": units_committed - units_before,
+            "retried": retried["synthesis"],
             "rejected": units_rejected,
         },
         "cost": _cost(config, stages),

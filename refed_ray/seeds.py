@@ -57,19 +57,24 @@ def default_seeds_uri() -> str:
 def read_seeds(uri: str | None, max_bad_seeds: int, storage_options: dict | None = None) -> SeedSet:
     uri = uri or default_seeds_uri()
     seeds = SeedSet(references=[])
-    seen: dict[str, str] = {}
+    # A duplicate is the same pair (whatever its id), or the same id on another pair.
+    seen_pairs: dict[str, str] = {}
+    seen_ids: dict[str, str] = {}
     for source, row in _rows(uri, storage_options or {}):
         try:
             if isinstance(row, BadRow):
                 raise row
             reference = _to_reference(row, source)
-            if reference.reference_id in seen:
-                raise BadRow(f"duplicate reference (same as {seen[reference.reference_id]})")
+            content = _content_id(reference.instruction, reference.response)
+            if content in seen_pairs:
+                raise BadRow(f"duplicate reference (same pair as {seen_pairs[content]})")
+            if reference.reference_id in seen_ids:
+                raise BadRow(f"duplicate id {reference.reference_id!r} (also {seen_ids[reference.reference_id]})")
         except BadRow as problem:
             reason = str(problem) if problem.bad else f"skipped: {problem}"
             seeds.skipped.append(Reject(stage="seeds", reason=reason, source=source))
             continue
-        seen[reference.reference_id] = source
+        seen_pairs[content] = seen_ids[reference.reference_id] = source
         seeds.references.append(reference)
     _check(uri, seeds, max_bad_seeds)
     return seeds
@@ -100,7 +105,7 @@ def _rows(uri: str, storage_options: dict) -> Iterator[tuple[str, dict | BadRow]
             data = handle.read()
     except FileNotFoundError:
         raise UserError(f"seed file not found: {uri}") from None
-    except OSError as err:
+    except (OSError, ValueError, ImportError) as err:  # ValueError, ImportError: unknown protocol
         raise UserError(f"cannot read seed file {uri}: {err}") from None
     if not data.strip():
         raise UserError(f"seed file {uri} is empty")

@@ -2,7 +2,8 @@
 
 Layout of OUTPUT:
     feedback/<shard>.parquet, plan/part-<n>.parquet, data/<shard>.parquet,
-    rejects/<shard>.parquet, _markers/<pass>/<shard>.json, run.json, report.json
+    rejects/<shard>.parquet, _markers/<pass>/<shard>.json, _attempts/<pass>/<shard>,
+    run.json, report.json
 
 A shard is committed by its marker, written last: the marker names the shard's files, the ids
 (references or units) it covers and its stats. A file is only ever read through a marker, so a
@@ -37,6 +38,7 @@ class Marker:
     ids: list[str]
     files: list[str]
     stats: dict[str, Any]
+    attempt: int = 1  # > 1: the batch ran again after its actor died (Ray's task retry)
 
 
 class Storage:
@@ -46,9 +48,12 @@ class Storage:
         # Uncached: other processes (workers, a rerun) rewrite these objects, and a cached listing
         # or instance (fsspec reuses instances per process, Ray reuses worker processes) would
         # serve their old versions.
-        self.fs, self.root = fsspec.core.url_to_fs(
-            self.uri, skip_instance_cache=True, use_listings_cache=False, **self.storage_options
-        )
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(
+                self.uri, skip_instance_cache=True, use_listings_cache=False, **self.storage_options
+            )
+        except (ValueError, ImportError) as err:  # unknown protocol, or its package not installed
+            raise UserError(f"cannot open output {self.uri}: {err}") from None
 
     # ---- paths and plain files -------------------------------------------------------------
 
@@ -111,8 +116,21 @@ class Storage:
 
     # ---- committed shards ------------------------------------------------------------------
 
+    def start_attempt(self, pass_name: str, ids: Iterable[str]) -> int:
+        """Count the attempts at a shard: 1 the first time its ids are processed, 2 when Ray
+        retries the same batch on a restarted actor, and so on."""
+        relative = f"_attempts/{pass_name}/{shard_name(pass_name, sorted(ids))}"
+        attempt = int(self.read_bytes(relative)) + 1 if self.exists(relative) else 1
+        self.write_bytes(relative, str(attempt).encode())
+        return attempt
+
     def commit_shard(
-        self, pass_name: str, ids: Iterable[str], tables: dict[str, pa.Table], stats: dict[str, Any]
+        self,
+        pass_name: str,
+        ids: Iterable[str],
+        tables: dict[str, pa.Table],
+        stats: dict[str, Any],
+        attempt: int = 1,
     ) -> Marker:
         """Write a shard's tables (``{folder: table}``), then its marker."""
         ids = sorted(ids)
@@ -123,7 +141,7 @@ class Storage:
                 relative = f"{folder}/{shard}.parquet"
                 self.write_table(relative, table)
                 files.append(relative)
-        marker = Marker(shard=shard, ids=ids, files=files, stats=stats)
+        marker = Marker(shard=shard, ids=ids, files=files, stats=stats, attempt=attempt)
         self.write_json(f"_markers/{pass_name}/{shard}.json", marker.__dict__)
         return marker
 

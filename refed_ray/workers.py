@@ -34,6 +34,7 @@ STATS_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string())])
 
 class _EngineWorker:
     pass_name: str
+    id_column: str
 
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], rate_limiter: list | None = None):
         # Secrets (an API key) come from the driver's environment through the object store, so
@@ -46,7 +47,16 @@ class _EngineWorker:
         # tasks an actor takes in parallel: this caps what the actor works on at batches_in_flight.
         self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
 
+    def __del__(self):
+        # Ray Data drops the UDF when its pass ends: stop the engine cleanly (its processes, its
+        # GPU memory) rather than leave it to interpreter teardown.
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
     async def __call__(self, batch: pa.Table):
+        attempt = await asyncio.to_thread(
+            self.storage.start_attempt, self.pass_name, batch.column(self.id_column).to_pylist()
+        )
         try:
             async with self.batch_slots:
                 ids, tables, stats = await self.process(batch.to_pylist())
@@ -57,7 +67,7 @@ class _EngineWorker:
             os._exit(1)
         # Off the event loop: a shard's writes (object-store PUTs) must not stall the other
         # batches' requests to the engine.
-        marker = await asyncio.to_thread(self.storage.commit_shard, self.pass_name, ids, tables, stats)
+        marker = await asyncio.to_thread(self.storage.commit_shard, self.pass_name, ids, tables, stats, attempt)
         yield pa.table({"shard": [marker.shard], "stats": [json.dumps(marker.stats)]}, STATS_SCHEMA)
 
     async def process(self, rows: list[dict[str, Any]]):
@@ -68,6 +78,7 @@ class FeedbackWorker(_EngineWorker):
     """Stage 1 over a batch of references."""
 
     pass_name = "feedback"
+    id_column = "reference_id"
 
     async def process(self, rows):
         references = [Reference(**row) for row in rows]
@@ -88,6 +99,7 @@ class SynthesisWorker(_EngineWorker):
     """Stages 2-4 over a batch of work units, with the broadcast feedback table."""
 
     pass_name = "synthesis"
+    id_column = "unit_id"
 
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef], **kwargs):
         super().__init__(config_json, secrets, **kwargs)

@@ -55,6 +55,25 @@ def test_unwritable_output_fails_fast(tmp_path):
     assert_user_error(done, f"cannot write to output {blocker}/out")
 
 
+def test_output_that_holds_something_else_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_user_error(cli("run", "--output", str(tmp_path)), "is not empty and holds no refed-ray run (run.json)")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert_user_error(cli("run", "--output", "nosuchproto://bucket/out"), "cannot open output nosuchproto://bucket/out")
+
+
+def test_engine_settings_checked_before_any_actor(tmp_path):
+    out = str(tmp_path / "out")
+    assert_user_error(cli("run", "--output", out, "--engine", "openai"),
+                      "engine: Value error, engine kind 'openai' needs model")
+    assert_user_error(cli("run", "--output", out, "--model", str(tmp_path / "no-such-model")),
+                      f"engine.model '{tmp_path}/no-such-model' is not a folder on this machine")
+    config = tmp_path / "custom.yaml"
+    config.write_text("engine:\n  kind: custom\n  class_path: 'no_such_module:Engine'\n")
+    assert_user_error(cli("run", "--output", out, "--config", str(config)),
+                      "engine.class_path 'no_such_module:Engine' cannot be imported")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     done = cli("run", "--debug", "--seeds", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"))
     assert done.returncode != 0 and "Traceback" in done.stderr

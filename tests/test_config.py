@@ -62,3 +62,24 @@ def test_secrets_never_reach_the_written_config():
     assert "AKIAEXAMPLE" not in dumped and "s3cr3t" not in dumped and "hf_abc" not in dumped
     assert "http://x" in dumped
     assert config.fingerprint("p", "r") == RunConfig().fingerprint("p", "r")
+
+
+def test_errors_and_dumps_never_show_credentials_but_keep_settings(tmp_path):
+    misspelt = tmp_path / "key.yaml"
+    misspelt.write_text("engine:\n  api:\n    api_key: sk-live-123\n")
+    with pytest.raises(UserError) as caught:
+        load_config(str(misspelt), {})
+    assert "engine.api.api_key: unknown key" in str(caught.value) and "sk-live-123" not in str(caught.value)
+    dumped = RunConfig(engine={"kind": "openai", "model": "m", "api": {"api_key_env": "MY_KEY", "tokens_per_minute": 9}}).public_dump()
+    assert dumped["engine"]["api"]["api_key_env"] == "MY_KEY" and dumped["engine"]["api"]["tokens_per_minute"] == 9
+    assert dumped["sampling"]["response_max_tokens"] == 1024
+
+
+def test_null_sections_and_non_utf8_files(tmp_path):
+    nulls = tmp_path / "null.yaml"
+    nulls.write_text("engine: null\n")
+    assert load_config(str(nulls), {"engine.model": "m"}).engine.model == "m"
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes(b"seed: 1\nnote: caf\xe9\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_config(str(binary), {})

@@ -1,5 +1,7 @@
 """Faults inside a run: a dying engine actor, a kill mid-write, a prompt the engine refuses."""
 
+import shutil
+
 import pyarrow as pa
 import pytest
 
@@ -31,6 +33,7 @@ def test_engine_actor_killed_mid_batch_is_restarted_and_loses_nothing(tmp_path):
     assert not die_file.exists()  # an actor did die
     assert unit_samples(storage) == planned_samples(storage, 3)
     assert report["samples"] == 48 and report["all_planned_samples_accounted"]
+    assert report["references"]["feedback_retried"] >= 1  # the death came in the feedback pass
 
 
 @pytest.mark.parametrize("folder", ["data", "_markers/synthesis"])
@@ -48,6 +51,7 @@ def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, folder):
     # Ray restarted the actor and retried the batch: every sample once, the half-file never read.
     assert unit_samples(storage) == planned_samples(storage, 3)
     assert report["samples"] == 18 and report["all_planned_samples_accounted"]
+    assert report["units"]["retried"] >= 2  # the killed batch of 2 units ran again
 
     # On object stores a kill leaves no partial object, but maybe a whole shard whose marker
     # never came: no reader sees it either.
@@ -82,3 +86,49 @@ def test_resume_with_another_model_is_refused_naming_it(tmp_path):
     reseeded = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
     with pytest.raises(UserError, match="different references"):
         run(make_config(tmp_path, reseeded, num_samples=6))
+
+
+def test_resume_with_changed_prompts_is_refused(tmp_path, monkeypatch):
+    from refed_ray import prompts
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    run(make_config(tmp_path, seeds, num_samples=6))
+    edited = tmp_path / "prompts"
+    shutil.copytree(prompts.prompts_dir(), edited)
+    refinement = edited / "refinement.txt"
+    refinement.write_text(refinement.read_text() + "\nBe brief.\n")
+    monkeypatch.setattr(prompts, "prompts_dir", lambda: edited)
+    prompts.template.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"holds a run with a different prompts \(prompts: '\w+' there, '\w+' now\)"):
+            run(make_config(tmp_path, seeds, num_samples=6))
+    finally:
+        monkeypatch.undo()
+        prompts.template.cache_clear()
+
+
+def test_resume_cannot_shrink_the_plan(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    run(make_config(tmp_path, seeds, num_samples=12))
+    with pytest.raises(UserError, match="planned for 12 samples; a resume can grow the plan, not shrink it"):
+        run(make_config(tmp_path, seeds, num_samples=6))
+
+
+def test_partial_feedback_pass_resumes_only_what_is_missing(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))
+    config = make_config(tmp_path, seeds, num_samples=12, workers={"num_engines": 1, "units_per_batch": 1})
+    run(config)
+    storage = Storage(config.output)
+    markers = storage.list("_markers/feedback")
+    assert len(markers) == 4  # one reference per batch
+    # As if the driver died before the last feedback shard and everything after it was committed.
+    lost = markers[-1]
+    for name in [lost, *storage.list("_markers/synthesis")]:
+        storage.delete(name)
+    kept = {name: storage.fs.info(storage.path(name))["mtime"] for name in markers[:-1]}
+
+    again = run(config)
+    assert storage.list("_markers/feedback") == markers
+    assert {name: storage.fs.info(storage.path(name))["mtime"] for name in markers[:-1]} == kept
+    assert again["feedback_rows"] == 4 and again["units"]["this_run"] == 4
+    assert unit_samples(storage) == planned_samples(storage, 3)

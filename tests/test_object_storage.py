@@ -59,7 +59,7 @@ def test_run_resume_and_export_on_s3(bucket, tmp_path):
     assert storage.read_json("report.json")["samples"] == 12
 
     again = run(config.model_copy(update={"num_samples": 24}))
-    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "rejected": 0}
+    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "retried": 0, "rejected": 0}
     samples = rows(storage, "data")
     assert len(samples) == 24 == len({(s["unit_id"], s["sample_index"]) for s in samples})
 

@@ -49,7 +49,7 @@ def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
     assert len(samples) == report["samples"] == 24
     assert sorted((s.unit_id, s.sample_index) for s in samples) == sorted((u.unit_id, i) for u in plan for i in range(3))
     assert [r.source for r in rejects] == ["seeds.jsonl:6"]  # the multi-turn row, counted
-    assert report["references"] == {"usable": 5, "skipped": 1, "used": len(used)}
+    assert report["references"] == {"usable": 5, "skipped": 1, "used": len(used), "feedback_retried": 0}
     assert report["all_planned_samples_accounted"] and report["units"]["committed"] == 8
     assert report["stages"]["refinement"]["rows_out"] == 24
     assert json.loads((tmp_path / "out" / "report.json").read_text())["samples"] == 24
@@ -85,13 +85,13 @@ def test_rerun_resumes_and_refuses_an_incompatible_config(tmp_path):
     storage = Storage(str(tmp_path / "out"))
     samples = rows(storage, "data")
     assert first["units"]["this_run"] == 4
-    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "rejected": 0}
+    assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "retried": 0, "rejected": 0}
     assert len(samples) == 24 == len({(s["unit_id"], s["sample_index"]) for s in samples})
 
     with pytest.raises(UserError, match=r"different sampling .*--force-new"):
         run(make_config(tmp_path, seeds, num_samples=24, sampling={"temperature": 0.1}))
     fresh = run(make_config(tmp_path, seeds, num_samples=6, sampling={"temperature": 0.1}), force_new=True)
-    assert fresh["units"] == {"planned": 2, "committed": 2, "resumed": 0, "this_run": 2, "rejected": 0}
+    assert fresh["units"] == {"planned": 2, "committed": 2, "resumed": 0, "this_run": 2, "retried": 0, "rejected": 0}
 
 
 def test_export_formats(tmp_path):

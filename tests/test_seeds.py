@@ -80,9 +80,19 @@ def test_non_utf8_line(tmp_path):
 
 
 def test_duplicates_name_the_first_occurrence(tmp_path):
-    path = write_jsonl(tmp_path / "s.jsonl", [*pairs(2), pairs(2)[0]])
-    seeds = read_seeds(str(path), max_bad_seeds=1)
-    assert seeds.skipped[0].reason == "duplicate reference (same as s.jsonl:1)"
+    first, second = pairs(2)
+    rows = [
+        {**first, "id": "a"},
+        {**second, "id": "b"},
+        {**first, "id": "c"},  # the same pair under another id
+        {**pairs(3)[2], "id": "b"},  # another pair under a taken id
+    ]
+    seeds = read_seeds(str(write_jsonl(tmp_path / "s.jsonl", rows)), max_bad_seeds=2)
+    assert [r.reason for r in seeds.skipped] == [
+        "duplicate reference (same pair as s.jsonl:1)",
+        "duplicate id 'b' (also s.jsonl:2)",
+    ]
+    assert [r.reference_id for r in seeds.references] == ["a", "b"]
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,6 @@ class OpenAIEngine(Engine):
         key = os.environ.get(api.api_key_env)
         if not key:
             raise UserError(f"engine openai needs an API key in the environment variable {api.api_key_env}")
-        if not config.model:
-            raise UserError("engine openai needs --model (the served model's name)")
         client_kwargs = dict(api_key=key, max_retries=api.max_retries, timeout=api.request_timeout_s)
         if api.azure_api_version:
             self._client = openai.AsyncAzureOpenAI(
