@@ -47,12 +47,6 @@ class _EngineWorker:
         # tasks an actor takes in parallel: this caps what the actor works on at batches_in_flight.
         self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
 
-    def __del__(self):
-        # Ray Data drops the UDF when its pass ends: stop the engine cleanly (its processes, its
-        # GPU memory) rather than leave it to interpreter teardown.
-        if getattr(self, "engine", None) is not None:
-            self.engine.shutdown()
-
     async def __call__(self, batch: pa.Table):
         attempt = await asyncio.to_thread(
             self.storage.start_attempt, self.pass_name, batch.column(self.id_column).to_pylist()
