@@ -151,6 +151,8 @@ _REPLY_SHAPING_ENGINE_FIELDS = {
     "engine_kwargs": True,
     "api": {"api_base": True, "json_schema": True},
 }
+
+
 def is_secret_name(name: object) -> bool:
     """Keys whose values are credentials (s3fs ``key``/``secret``, ``api_key``, ``session_token``,
     ``aws_secret_access_key``, ...), not ones that merely mention them (``api_key_env``, ``max_tokens``)."""

@@ -78,7 +78,11 @@ def _open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new:
     fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
     if force_new:
         _clear(storage)
-    resumed = _check_resume(storage, fingerprint, config.num_samples)
+    resumed = storage.exists(RUN_FILE)
+    if resumed:
+        _check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
+    else:
+        _refuse_foreign_output(storage)
     storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
     storage.remove_orphans(["feedback", "data", "rejects"])
     storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
@@ -199,24 +203,25 @@ def _committed_ids(storage: Storage, pass_name: str) -> list[str]:
     return [i for marker in storage.markers(pass_name) for i in marker.ids]
 
 
-def _check_resume(storage: Storage, fingerprint: dict[str, str], num_samples: int) -> bool:
-    """True when OUTPUT holds an earlier, compatible run; refuse an incompatible one."""
-    if not storage.exists(RUN_FILE):
-        if storage.list(""):
-            raise UserError(
-                f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): "
-                "choose a new or empty --output (a run deletes files it does not know there)"
-            )
-        return False
-    run_file = storage.read_json(RUN_FILE)
-    planned_for = run_file["config"]["num_samples"]
+def _refuse_foreign_output(storage: Storage) -> None:
+    """A run deletes files it does not know in its folders: never in a folder that holds no run."""
+    if storage.list(""):
+        raise UserError(
+            f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): "
+            "choose a new or empty --output"
+        )
+
+
+def _check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:
+    """Refuse to resume a run with another fingerprint, or with a smaller plan."""
+    planned_for = previous_run["config"]["num_samples"]
     if num_samples < planned_for and storage.markers("synthesis"):
         raise UserError(
             f"{storage.uri} was planned for {planned_for} samples; a resume can grow the plan, not "
             f"shrink it (committed units would fall outside it): pass --num-samples {planned_for} "
             "or more, or --force-new"
         )
-    previous = run_file["fingerprint"]
+    previous = previous_run["fingerprint"]
     differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
     if differs:
         details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
@@ -225,7 +230,6 @@ def _check_resume(storage: Storage, fingerprint: dict[str, str], num_samples: in
             "Resuming would mix incompatible samples: pass --force-new to discard it, "
             "or choose another --output."
         )
-    return True
 
 
 def _clear(storage: Storage) -> None:

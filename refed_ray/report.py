@@ -26,7 +26,7 @@ def build_report(
 ) -> dict[str, Any]:
     stages = empty_stats()
     committed = {"feedback": 0, "synthesis": 0}
-    retried = {"feedback": 0, "synthesis": 0}  # ids whose batch Ray ran again on a restarted actor
+    retried = {"feedback": 0, "synthesis": 0}  # ids whose batch ran more than once
     for pass_name in committed:
         for marker in storage.markers(pass_name):
             merge(stages, marker.stats)

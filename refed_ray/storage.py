@@ -38,7 +38,7 @@ class Marker:
     ids: list[str]
     files: list[str]
     stats: dict[str, Any]
-    attempt: int = 1  # > 1: the batch ran again after its actor died (Ray's task retry)
+    attempt: int = 1  # > 1: the batch ran again (Ray retried it on a restarted actor, or a rerun redid it)
 
 
 class Storage:
@@ -117,8 +117,8 @@ class Storage:
     # ---- committed shards ------------------------------------------------------------------
 
     def start_attempt(self, pass_name: str, ids: Iterable[str]) -> int:
-        """Count the attempts at a shard: 1 the first time its ids are processed, 2 when Ray
-        retries the same batch on a restarted actor, and so on."""
+        """Count the attempts at a shard: 1 the first time its ids are processed, 2 when the same
+        batch runs again (Ray's retry on a restarted actor, or a rerun after a kill), and so on."""
         relative = f"_attempts/{pass_name}/{shard_name(pass_name, sorted(ids))}"
         attempt = int(self.read_bytes(relative)) + 1 if self.exists(relative) else 1
         self.write_bytes(relative, str(attempt).encode())
