@@ -213,11 +213,11 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     for problem in err.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
-        got = f" (got {problem.get('input')!r})"
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-            got = ""  # its value may be a credential under a misspelt name
-        if problem["type"] == "missing" or any(is_secret_name(part) for part in problem["loc"]):
-            got = ""
+        # No value to show when missing; never one that may be a credential (a secret field, or
+        # an unknown key: perhaps a misspelt secret).
+        hidden = problem["type"] in ("missing", "extra_forbidden") or any(map(is_secret_name, problem["loc"]))
+        got = "" if hidden else f" (got {problem.get('input')!r})"
         lines.append(f"  {field}: {message}{got}")
     return "\n".join(lines)

@@ -215,7 +215,8 @@ def _refuse_foreign_output(storage: Storage) -> None:
 def _check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:
     """Refuse to resume a run with another fingerprint, or with a smaller plan."""
     planned_for = previous_run["config"]["num_samples"]
-    if num_samples < planned_for and storage.markers("synthesis"):
+    committed_any = any(name.endswith(".json") for name in storage.list("_markers/synthesis"))
+    if num_samples < planned_for and committed_any:
         raise UserError(
             f"{storage.uri} was planned for {planned_for} samples; a resume can grow the plan, not "
             f"shrink it (committed units would fall outside it): pass --num-samples {planned_for} "

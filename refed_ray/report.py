@@ -25,14 +25,13 @@ def build_report(
     wall_seconds: float,
 ) -> dict[str, Any]:
     stages = empty_stats()
-    committed = {"feedback": 0, "synthesis": 0}
+    units_committed = 0
     retried = {"feedback": 0, "synthesis": 0}  # ids whose batch ran more than once
-    for pass_name in committed:
+    for pass_name in retried:
         for marker in storage.markers(pass_name):
             merge(stages, marker.stats)
-            committed[pass_name] += len(marker.ids)
+            units_committed += len(marker.ids) if pass_name == "synthesis" else 0
             retried[pass_name] += len(marker.ids) if marker.attempt > 1 else 0
-    units_committed = committed["synthesis"]
     lost = units_rejected = 0
     for table in storage.iter_committed_tables("rejects"):
         lost += pc.sum(table.column("lost_samples")).as_py() or 0

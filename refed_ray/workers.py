@@ -48,12 +48,11 @@ class _EngineWorker:
         self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
 
     async def __call__(self, batch: pa.Table):
-        attempt = await asyncio.to_thread(
-            self.storage.start_attempt, self.pass_name, batch.column(self.id_column).to_pylist()
-        )
+        ids = batch.column(self.id_column).to_pylist()
+        attempt = await asyncio.to_thread(self.storage.start_attempt, self.pass_name, ids)
         try:
             async with self.batch_slots:
-                ids, tables, stats = await self.process(batch.to_pylist())
+                tables, stats = await self.process(batch.to_pylist())
         except EngineDead as err:
             # Exit the actor: Ray restarts it (max_restarts) with a fresh engine and retries
             # its in-flight batches (max_task_retries). Nothing of this batch was committed.
@@ -86,7 +85,7 @@ class FeedbackWorker(_EngineWorker):
             "feedback": to_table([r.feedback for r in results if r.feedback], Feedback),
             "rejects": to_table([reject for r in results for reject in r.rejects], Reject),
         }
-        return [ref.reference_id for ref in references], tables, {"feedback": stats.model_dump()}
+        return tables, {"feedback": stats.model_dump()}
 
 
 class SynthesisWorker(_EngineWorker):
@@ -111,7 +110,7 @@ class SynthesisWorker(_EngineWorker):
             "data": to_table([s for r in results for s in r.samples], Sample),
             "rejects": to_table([j for r in results for j in r.rejects], Reject),
         }
-        return [u.unit_id for u in units], tables, {k: v.model_dump() for k, v in stats.items()}
+        return tables, {k: v.model_dump() for k, v in stats.items()}
 
 
 def skip_committed(batch: pa.Table, id_column: str, committed: list[ray.ObjectRef]) -> pa.Table:

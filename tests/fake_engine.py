@@ -59,11 +59,7 @@ class FakeEngine(Engine):
 
     def _maybe_die(self) -> None:
         path = self.options.get("die_file")
-        if path and os.path.exists(path):
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                return  # another actor took this death
+        if path and _take(path):
             os._exit(1)
 
 

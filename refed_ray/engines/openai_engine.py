@@ -54,17 +54,11 @@ class OpenAIEngine(Engine):
 
     async def complete(self, request: ChatRequest) -> Completion:
         await self._wait_for_rate_limit(request)
-        use_schema = self._json_schema
         try:
-            reply = await self._send(request, use_schema)
-        except self._bad_request as err:
-            if not (use_schema and "response_format" in str(err)):
-                raise RequestRejected(f"API refused the request: {_describe(err)}") from None
+            reply = await self._send(request, self._json_schema)
+        except _SchemaUnsupported:
             self._json_schema = False  # this server has no json_schema: JSON mode from now on
-            try:
-                reply = await self._send(request, use_schema=False)
-            except self._bad_request as err:
-                raise RequestRejected(f"API refused the request: {_describe(err)}") from None
+            reply = await self._send(request, use_schema=False)
         choice = reply.choices[0]
         usage = reply.usage
         return Completion(
@@ -82,8 +76,10 @@ class OpenAIEngine(Engine):
                 return await asyncio.wait_for(self._create(request, use_schema), self._api.request_deadline_s)
             except asyncio.TimeoutError:
                 raise RequestRejected(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
-            except self._bad_request:
-                raise
+            except self._bad_request as err:
+                if use_schema and "response_format" in str(err):
+                    raise _SchemaUnsupported from None
+                raise RequestRejected(f"API refused the request: {_describe(err)}") from None
             except self._errors as err:
                 raise RequestRejected(f"API call failed after retries: {_describe(err)}") from None
 
@@ -120,6 +116,10 @@ class OpenAIEngine(Engine):
 
     def shutdown(self) -> None:
         pass
+
+
+class _SchemaUnsupported(Exception):
+    """The server refused ``response_format: json_schema``."""
 
 
 def _describe(err: Exception) -> str:
