@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 
 from refed_ray.config import SamplingConfig
-from refed_ray.engines.base import ChatRequest, Engine, EngineDead, RequestRejected
+from refed_ray.engines.base import ChatRequest, Engine, EngineDead, EngineUnavailable, RequestRejected
 
 
 @dataclass
@@ -52,15 +52,16 @@ async def ask(
         try:
             completion = await engine.complete(request)
         except RequestRejected as err:
-            # A prompt too long, or an API that gave up after its own retries: trying again
-            # here would fail the same way. Earlier attempts' tokens stay counted.
+            # The request's content (a prompt too long for the context): trying again would fail
+            # the same way. Earlier attempts' tokens stay counted.
             answer.error = str(err)
             return answer
-        except EngineDead:
-            raise  # ends the actor: Ray restarts it and retries the batch
-        except Exception as err:  # one request's failure must not fail its batch
-            answer.error = f"engine error: {type(err).__name__}: {err}"
-            continue
+        except (EngineDead, EngineUnavailable):
+            raise  # infrastructure, not this sample's fault: its shard stays uncommitted
+        except Exception as err:
+            # An engine that raises what it does not declare is broken, not the sample: treat it
+            # as dead, so its actor restarts and the shard is retried (bounded, see workers.py).
+            raise EngineDead(f"engine error: {type(err).__name__}: {err}") from err
         answer.prompt_tokens += completion.prompt_tokens
         answer.completion_tokens += completion.completion_tokens
         answer.raw = completion.text

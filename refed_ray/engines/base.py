@@ -28,24 +28,47 @@ class Completion(BaseModel):
     finish_reason: str | None = None
 
 
+# Three ways a call fails, each handled where it belongs:
+# - RequestRejected: this request's content can never succeed (longer than the context window,
+#   refused as malformed). Only its own sample is rejected, recorded in rejects/.
+# - EngineUnavailable: the infrastructure failed (an API that gave up after its retries, a
+#   timeout, a dropped connection). Nothing is the sample's fault: the call waits and tries again
+#   (``workers.outage_patience_s``); past that the run stops with its shard uncommitted, so a
+#   resubmission redoes it. Never recorded as a reject.
+# - EngineDead: the engine in this actor is gone or hung. The actor exits, Ray restarts it and
+#   retries its shards; a shard that kills its engine ``workers.max_shard_attempts`` times is
+#   committed as rejects (a poison input).
+
+
 class RequestRejected(Exception):
-    """The engine refused this one request (e.g. longer than the context window)."""
+    """The engine refused this one request for its content (e.g. longer than the context window)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine or API could not answer now (outage, rate limit past retries, timeout)."""
 
 
 class EngineDead(Exception):
-    """The engine itself died: its actor must exit so Ray restarts it and retries its batches."""
+    """The engine itself died or hung: its actor must exit so Ray restarts it and retries its shards."""
 
 
 class Engine(ABC):
     """One engine per actor. ``complete`` is called concurrently from many coroutines."""
 
     model_name: str
+    #: Requests the engine batches at once (vLLM's ``max_num_seqs``); None when it has no such bound.
+    #: Workers admit that many requests so the engine stays full (see ``workers.requests_in_flight``).
+    max_concurrency: int | None = None
 
     @abstractmethod
     async def complete(self, request: ChatRequest) -> Completion: ...
 
     def shutdown(self) -> None:  # noqa: B027 - engines without resources need nothing here
         """Release the engine's processes and memory."""
+
+    def metrics(self) -> dict[str, int]:
+        """Cumulative engine counters worth reporting (e.g. prefix-cache queries and hits)."""
+        return {}
 
 
 def create_engine(config: EngineConfig, rate_limiter=None) -> Engine:

@@ -5,8 +5,9 @@ SGLang, TGI, ...). Runs on CPU-only actors.
   ``json_object`` mode, and the reply is validated either way (``structured.ask``).
 - Retries: the openai SDK retries 408/409/429/5xx, timeouts and dropped connections with
   exponential backoff and jitter, honouring ``Retry-After``, up to ``max_retries``; each call is
-  also capped in total time (``request_deadline_s``). A call that still fails is rejected with the
-  reason: never retried forever.
+  also capped in total time (``request_deadline_s``). A call that still fails is an outage
+  (``EngineUnavailable``): the worker waits it out up to ``workers.outage_patience_s``, then stops
+  the run with the shard uncommitted. Only a request the API refuses (HTTP 400) is a reject.
 - A rate limit shared by every actor of the run (requests and tokens per minute), held by one
   Ray actor that the driver starts and hands to each engine.
 - The API key is read from the environment variable named by ``api_key_env`` and never stored in
@@ -21,7 +22,7 @@ import os
 import time
 
 from refed_ray.config import EngineConfig
-from refed_ray.engines.base import ChatRequest, Completion, Engine, RequestRejected
+from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavailable, RequestRejected
 from refed_ray.errors import UserError
 
 JSON_MODE_INSTRUCTION = "Reply with one JSON object that follows this JSON schema: "
@@ -75,13 +76,13 @@ class OpenAIEngine(Engine):
             try:
                 return await asyncio.wait_for(self._create(request, use_schema), self._api.request_deadline_s)
             except asyncio.TimeoutError:
-                raise RequestRejected(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
+                raise EngineUnavailable(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
             except self._bad_request as err:
                 if use_schema and "response_format" in str(err):
                     raise _SchemaUnsupported from None
                 raise RequestRejected(f"API refused the request: {_describe(err)}") from None
             except self._errors as err:
-                raise RequestRejected(f"API call failed after retries: {_describe(err)}") from None
+                raise EngineUnavailable(f"API call failed after retries: {_describe(err)}") from None
 
     async def _create(self, request: ChatRequest, use_schema: bool):
         messages = request.messages
