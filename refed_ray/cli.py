@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from refed_ray.errors import UserError
+from refed_ray.errors import RunStopped, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"refed-ray: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        if args.debug:
+            raise
+        print(f"refed-ray: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 def _parser() -> argparse.ArgumentParser:

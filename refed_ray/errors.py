@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input, bad config or an unusable output location: exit 2, message only."""
+
+
+class RunStopped(Exception):
+    """The run stopped for the infrastructure (an engine or API unavailable past the patience
+    allowed): exit 3, message only. Committed work is kept; resubmitting resumes."""

@@ -1,34 +1,44 @@
-"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> report.
+"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> dataset -> report.
 
-Nothing grows with N on the driver: the plan is written round by round, both passes stream
-through Ray Data, and the driver only sees one small stats row per committed shard.
+Nothing grows with N on the driver but the plan's shard list: both passes stream through Ray
+Data, one task per shard, and the driver only sees one small commit row per shard.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.fs
+import pyarrow as pa
 import ray
 
+from refed_ray import commits
+from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig
+from refed_ray.dataset import compact_dataset
 from refed_ray.engines.base import load_class
-from refed_ray.errors import UserError
-from refed_ray.plan import write_plan
-from refed_ray.prompts import prompts_digest
-from refed_ray.records import Feedback, Reject, to_table
+from refed_ray.errors import RunStopped, UserError
+from refed_ray.output import open_output, refuse_local_output_on_cluster
+from refed_ray.plan import pending_shards, read_plan, write_plan
+from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
-from refed_ray.stats import merge
+from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
-from refed_ray.workers import FeedbackWorker, SynthesisWorker, skip_committed
+from refed_ray.workers import OUTAGE, FeedbackWorker, SynthesisWorker
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
+INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
+
+
+@dataclass
+class PassResult:
+    shards: int = 0
+    seconds: float = 0.0
+    stats: ShardStats = field(default_factory=ShardStats)
 
 
 def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
@@ -39,17 +49,21 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     _check_engine(config)
     secrets = _engine_secrets(config)
     seeds = read_seeds(config.seeds, config.max_bad_seeds, config.seeds_options())
-    resumed = _open_output(storage, config, seeds, force_new)
-    plan = write_plan(
-        storage,
-        [ref.reference_id for ref in seeds.references],
-        config.num_samples,
-        config.instructions_per_aspect,
-        config.seed,
-    )
-    log.info("plan: %d units over %d rounds, %d references", plan.units, plan.rounds, len(plan.references_used))
-
     _connect_ray()
+    refuse_local_output_on_cluster(storage, config)
+    resumed = open_output(storage, config, seeds, force_new)
+
+    committed = CommitLog(storage)
+    committed.remove_leftovers()
+    _commit_seed_rejects(storage, committed, seeds)
+    plan = write_plan(
+        storage, [ref.reference_id for ref in seeds.references], config.num_samples,
+        config.instructions_per_aspect, config.seed, config.workers.units_per_shard,
+        keep_existing=bool(committed.commits["synthesis"]),
+    )
+    log.info("plan: %d units in %d shards over %d rounds, %d references",
+             plan.units, plan.shards, plan.rounds, len(plan.references_used))
+
     config = _resolve_device(config)
     # Workers get the output's full URI: their working directory is not the driver's.
     worker_config = config.model_copy(update={"output": storage.full_uri()})
@@ -60,33 +74,121 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         **_rate_limiter(config),
     }
     used = set(plan.references_used)
-    _feedback_pass(storage, config, engine_args, [r for r in seeds.references if r.reference_id in used])
-    feedback_ref = ray.put(_read_feedback(storage))
-    units_before = _committed_ids(storage, "synthesis")
-    this_run = _synthesis_pass(storage, config, {**engine_args, "feedback": [feedback_ref]}, units_before)
+    _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in used])
+    feedback_ref = ray.put(_read_feedback(storage, committed))
+    units_before = len(committed.ids("synthesis"))
+    this_run = _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
+    dataset = compact_dataset(storage, committed, config.dataset_file_mb)
 
     report = build_report(
-        storage, config, seeds, plan, resumed=resumed, units_before=len(units_before),
+        committed, config, seeds, plan, dataset, resumed=resumed, units_before=units_before,
         this_run=this_run, wall_seconds=time.time() - started,
     )
     storage.write_json("report.json", report)
     return report
 
 
-def _open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
-    """Start or resume OUTPUT: True when resuming an earlier, compatible run."""
-    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
-    if force_new:
-        _clear(storage)
-    resumed = storage.exists(RUN_FILE)
-    if resumed:
-        _check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
+def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet) -> None:
+    """The seed rows skipped as bad or multi-turn, recorded once per output."""
+    if committed.commits["seeds"]:
+        return
+    tables = {"rejects": to_table(seeds.skipped, Reject)}
+    shard = commits.shard_name("seeds", ["seeds"])
+    committed.add(commits.commit_shard(storage, "seeds", shard, ["seeds"], tables, ShardStats.of(tables, {})))
+    committed.write_index("seeds")
+
+
+def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, references: list[Reference]) -> None:
+    done = committed.ids("feedback")
+    todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
+    if not todo:
+        return
+    size = config.workers.units_per_shard
+    shards = [todo[i:i + size] for i in range(0, len(todo), size)]
+    blocks = [
+        pa.Table.from_pylist([{"shard": commits.shard_name("feedback", [r["reference_id"] for r in shard]), **r}
+                              for r in shard])
+        for shard in shards
+    ]
+    log.info("collecting feedback on %d references in %d shards (%d already done)", len(todo), len(blocks), len(done))
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        FeedbackWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, len(blocks))
+    )
+    _drain(dataset, committed, "feedback")
+
+
+def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict) -> PassResult:
+    blocks = pending_shards(read_plan(storage), set(committed.commits["synthesis"]))
+    if not blocks:
+        return PassResult()
+    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(committed.commits["synthesis"]))
+    # One Ray block per shard: a task is one shard, and a retried task redoes one shard at most.
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        SynthesisWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, len(blocks))
+    )
+    return _drain(dataset, committed, "synthesis")
+
+
+def _engine_map_args(config: RunConfig, shards: int) -> dict[str, Any]:
+    """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
+    workers = config.workers
+    if config.engine.kind == "vllm":
+        from refed_ray.engines.vllm_engine import actor_resources
+
+        resources = actor_resources(config.engine)
     else:
-        _refuse_foreign_output(storage)
-    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
-    storage.remove_orphans(["feedback", "data", "rejects"])
-    storage.commit_shard("seeds", ["seeds"], {"rejects": to_table(seeds.skipped, Reject)}, {})
-    return resumed
+        resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
+    return dict(
+        batch_size=None,  # the whole block, i.e. the whole shard, is one batch
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=min(workers.num_engines, shards),  # no engine loads for a pass with less work
+            max_tasks_in_flight_per_actor=workers.shards_in_flight,
+            max_concurrent_calls_per_actor=workers.shards_in_flight,  # async actor: shards overlap
+        ),
+        # Ray 2.60 has no named parameter for these two yet, hence its deprecation warning on
+        # "ray_remote_args". Unbounded by default: spot clusters lose nodes as long as they run.
+        max_restarts=workers.max_restarts,
+        max_task_retries=workers.max_task_retries,
+        **resources,
+    )
+
+
+def _drain(dataset, committed: CommitLog, pass_name: str) -> PassResult:
+    """Run a pass to the end, absorbing its commits into the index as they come."""
+    result, started, unindexed = PassResult(), time.time(), 0
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            for line in batch.column("commit").to_pylist():
+                commit = Commit.model_validate_json(line)
+                committed.add(commit)
+                result.stats += commit.stats
+                result.shards += 1
+                unindexed += 1
+            if unindexed >= INDEX_EVERY_SHARDS:
+                committed.write_index(pass_name)
+                unindexed = 0
+    except Exception as err:
+        if OUTAGE in str(err):
+            reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
+            raise RunStopped(
+                f"the {pass_name} pass stopped: the engine was unavailable ({reason}). Nothing was "
+                "recorded as rejected for it, and committed shards are kept: submit the same command "
+                "again to resume."
+            ) from None
+        raise
+    finally:
+        committed.write_index(pass_name)
+    result.seconds = time.time() - started
+    return result
+
+
+def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback]:
+    feedback: dict[str, Feedback] = {}
+    for name in committed.files("feedback"):
+        for row in storage.read_table(name).to_pylist():
+            feedback.setdefault(row["reference_id"], Feedback(**row))
+    return feedback
 
 
 def _rate_limiter(config: RunConfig) -> dict[str, Any]:
@@ -122,123 +224,6 @@ def _engine_secrets(config: RunConfig) -> dict[str, str]:
     return {name: os.environ[name]}
 
 
-def _feedback_pass(storage: Storage, config: RunConfig, engine_args: dict, references: list) -> None:
-    done = set(_committed_ids(storage, "feedback"))
-    todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
-    if not todo:
-        return
-    log.info("collecting feedback on %d references (%d already done)", len(todo), len(done))
-    dataset = ray.data.from_items(todo).map_batches(
-        FeedbackWorker,
-        fn_constructor_kwargs=engine_args,
-        **_engine_map_args(config),
-    )
-    _drain(dataset)
-
-
-def _synthesis_pass(storage: Storage, config: RunConfig, engine_args: dict, committed: list[str]) -> dict:
-    plan = ray.data.read_parquet(
-        storage.path("plan"), filesystem=_arrow_fs(storage), file_extensions=["parquet"]
-    )
-    if committed:
-        plan = plan.map_batches(
-            skip_committed,
-            fn_kwargs={"id_column": "unit_id", "committed": [ray.put(committed)]},
-            batch_format="pyarrow",
-        )
-    dataset = plan.map_batches(
-        SynthesisWorker,
-        fn_constructor_kwargs=engine_args,
-        **_engine_map_args(config),
-    )
-    return _drain(dataset)
-
-
-def _engine_map_args(config: RunConfig) -> dict[str, Any]:
-    """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
-    workers = config.workers
-    if config.engine.kind == "vllm":
-        from refed_ray.engines.vllm_engine import actor_resources
-
-        resources = actor_resources(config.engine)
-    else:
-        resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
-    return dict(
-        batch_size=workers.units_per_batch,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            size=workers.num_engines,
-            max_tasks_in_flight_per_actor=workers.batches_in_flight,
-            max_concurrent_calls_per_actor=workers.batches_in_flight,  # async actor: batches overlap
-        ),
-        # Bounded, not Ray Data's default of forever. Ray 2.60 has no named parameter for these
-        # two yet, hence its deprecation warning on "ray_remote_args".
-        max_restarts=workers.max_restarts,
-        max_task_retries=workers.max_task_retries,
-        **resources,
-    )
-
-
-def _drain(dataset) -> dict[str, Any]:
-    """Run a pass to the end; sum what the driver sees: one stats row per committed shard."""
-    totals: dict = {}
-    shards = 0
-    started = time.time()
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for stats_json in batch.column("stats").to_pylist():
-            merge(totals, json.loads(stats_json))
-            shards += 1
-    return {"shards": shards, "seconds": time.time() - started, "stats": totals}
-
-
-def _read_feedback(storage: Storage) -> dict[str, Feedback]:
-    return {
-        row["reference_id"]: Feedback(**row)
-        for table in storage.iter_committed_tables("feedback")
-        for row in table.to_pylist()
-    }
-
-
-def _committed_ids(storage: Storage, pass_name: str) -> list[str]:
-    return [i for marker in storage.markers(pass_name) for i in marker.ids]
-
-
-def _refuse_foreign_output(storage: Storage) -> None:
-    """A run deletes files it does not know in its folders: never in a folder that holds no run."""
-    if storage.list(""):
-        raise UserError(
-            f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): "
-            "choose a new or empty --output"
-        )
-
-
-def _check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:
-    """Refuse to resume a run with another fingerprint, or with a smaller plan."""
-    planned_for = previous_run["config"]["num_samples"]
-    committed_any = any(name.endswith(".json") for name in storage.list("_markers/synthesis"))
-    if num_samples < planned_for and committed_any:
-        raise UserError(
-            f"{storage.uri} was planned for {planned_for} samples; a resume can grow the plan, not "
-            f"shrink it (committed units would fall outside it): pass --num-samples {planned_for} "
-            "or more, or --force-new"
-        )
-    previous = previous_run["fingerprint"]
-    differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
-    if differs:
-        details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
-        raise UserError(
-            f"{storage.uri} holds a run with a different {', '.join(differs)} ({details}). "
-            "Resuming would mix incompatible samples: pass --force-new to discard it, "
-            "or choose another --output."
-        )
-
-
-def _clear(storage: Storage) -> None:
-    for name in (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "_markers", "_attempts"):
-        if storage.exists(name):
-            storage.delete(name)
-
-
 def _connect_ray() -> None:
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS's cluster when set, else starts a local one
@@ -254,8 +239,3 @@ def _resolve_device(config: RunConfig) -> RunConfig:
             "autoscaling cluster whose GPU workers start at zero, pass --device cuda."
         )
     return config.model_copy(update={"engine": config.engine.model_copy(update={"device": device})})
-
-
-def _arrow_fs(storage: Storage) -> pyarrow.fs.FileSystem:
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs))
-

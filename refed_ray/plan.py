@@ -1,26 +1,35 @@
-"""The plan of work units, written before synthesis.
+"""The plan: work units grouped into shards, written before synthesis, only ever appended to.
 
-A unit asks for K new instructions for one (round, reference, aspect). Its id and sampling seed
-follow from (run seed, round, reference_id, aspect) alone, so the same config gives the same
-plan, and a larger ``num_samples`` extends the plan without changing the units already in it.
-The last round is usually partial: it takes the units whose ids sort first, a seeded sample of
-the references that does not favour the top of the seed file.
+A unit asks for K new instructions for one (round, reference, aspect); its id and sampling seed
+follow from (run seed, round, reference_id, aspect) alone. Units come in one endless, seeded
+order: round after round, each round visiting the references in a seeded order with both
+aspects of a reference side by side (as the authors run them). The plan is the first
+``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
+units. A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
+planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
+re-forms work that may already be committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from refed_ray.commits import shard_name
 from refed_ray.records import ASPECTS, WorkUnit
 from refed_ray.storage import Storage
 
 PLAN_SCHEMA = pa.schema(
     [
+        ("shard", pa.string()),
         ("unit_id", pa.string()),
         ("round", pa.int64()),
         ("reference_id", pa.string()),
@@ -34,13 +43,14 @@ ROWS_PER_PLAN_FILE = 100_000
 @dataclass
 class PlanSummary:
     units: int
+    shards: int
     rounds: int
     references_used: list[str]
     files: list[str]
 
 
 def make_unit(run_seed: int, round_: int, reference_id: str, aspect: str) -> WorkUnit:
-    digest = hashlib.sha256(f"{run_seed}\0{round_}\0{reference_id}\0{aspect}".encode()).digest()
+    digest = _digest(run_seed, round_, reference_id, aspect)
     return WorkUnit(
         unit_id=digest[:8].hex(),
         round=round_,
@@ -54,44 +64,86 @@ def units_needed(num_samples: int, instructions_per_aspect: int) -> int:
     return math.ceil(num_samples / instructions_per_aspect)
 
 
+def unit_order(reference_ids: list[str], run_seed: int) -> Iterator[WorkUnit]:
+    """Every unit there can be, in plan order: a round at a time, references in a seeded order
+    (so a partial last round is a seeded sample of them), both aspects of a reference together."""
+    for round_ in itertools.count():
+        for ref in sorted(reference_ids, key=lambda ref: _digest(run_seed, round_, ref, "order")):
+            for aspect in ASPECTS:
+                yield make_unit(run_seed, round_, ref, aspect)
+
+
 def iter_units(reference_ids: list[str], num_samples: int, k: int, run_seed: int) -> Iterator[WorkUnit]:
-    """Every unit of the plan, round by round; memory holds one round at most."""
-    remaining = units_needed(num_samples, k)
-    round_ = 0
-    while remaining > 0:
-        units = sorted(
-            (make_unit(run_seed, round_, ref, aspect) for ref in reference_ids for aspect in ASPECTS),
-            key=lambda unit: unit.unit_id,
-        )[:remaining]
-        yield from units
-        remaining -= len(units)
-        round_ += 1
+    """The units of a plan for ``num_samples``."""
+    return itertools.islice(unit_order(reference_ids, run_seed), units_needed(num_samples, k))
 
 
-def write_plan(storage: Storage, reference_ids: list[str], num_samples: int, k: int, run_seed: int) -> PlanSummary:
-    """Write OUTPUT/plan/part-<n>.parquet; the same inputs always write the same files."""
-    for stale in storage.list("plan"):
-        storage.delete(stale)  # a smaller num_samples than last time must not leave extra parts
-    files, buffer, used, rounds, total = [], [], set(), 0, 0
-    for unit in iter_units(reference_ids, num_samples, k, run_seed):
-        buffer.append(unit.model_dump())
-        used.add(unit.reference_id)
-        rounds = unit.round + 1
-        total += 1
-        if len(buffer) == ROWS_PER_PLAN_FILE:
-            files.append(_write_part(storage, len(files), buffer))
-            buffer = []
-    if buffer:
-        files.append(_write_part(storage, len(files), buffer))
+def write_plan(
+    storage: Storage, reference_ids: list[str], num_samples: int, k: int, run_seed: int, units_per_shard: int,
+    keep_existing: bool = True,
+) -> PlanSummary:
+    """Extend OUTPUT/plan/ to ``num_samples``: the existing parts stay as they are, the units they
+    lack are appended in new parts of whole shards. Without ``keep_existing`` (nothing committed
+    yet) the plan is written anew."""
+    if not keep_existing:
+        storage.delete_many(storage.list("plan"))
+    files = storage.list("plan")
+    planned = sum(pq.read_metadata(storage.fs.open(storage.path(f))).num_rows for f in files)
+    wanted = units_needed(num_samples, k)
+    new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
+    part, rows = len(files), []
+    for shard in _batched(new_units, units_per_shard):
+        name = shard_name("synthesis", [u.unit_id for u in shard])
+        rows += [{"shard": name, **u.model_dump()} for u in shard]
+        if len(rows) >= ROWS_PER_PLAN_FILE:
+            files.append(_write_part(storage, part, rows))
+            part, rows = part + 1, []
+    if rows:
+        files.append(_write_part(storage, part, rows))
+    return summarize(storage, files)
+
+
+def summarize(storage: Storage, files: list[str]) -> PlanSummary:
+    table = read_plan(storage, files, columns=["shard", "round", "reference_id"])
+    used = set(pc.unique(table.column("reference_id")).to_pylist())
     return PlanSummary(
-        units=total,
-        rounds=rounds,
-        references_used=[ref for ref in reference_ids if ref in used],
+        units=table.num_rows,
+        shards=len(pc.unique(table.column("shard"))),
+        rounds=(pc.max(table.column("round")).as_py() or 0) + 1 if table.num_rows else 0,
+        references_used=sorted(used),
         files=files,
     )
+
+
+def read_plan(storage: Storage, files: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+    files = storage.list("plan") if files is None else files
+    tables = [storage.read_table(f).select(columns or PLAN_SCHEMA.names) for f in files]
+    schema = pa.schema([PLAN_SCHEMA.field(c) for c in (columns or PLAN_SCHEMA.names)])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
+    """The plan's shards not yet committed, one small table each (a copy, not a slice: a slice
+    would carry the whole plan's buffers into every Ray block)."""
+    shards = plan.column("shard").to_numpy(zero_copy_only=False)
+    if not len(shards):
+        return []
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    ends = np.r_[starts[1:], len(shards)]
+    return [plan.take(np.arange(s, e)) for s, e in zip(starts, ends) if shards[s] not in committed]
 
 
 def _write_part(storage: Storage, index: int, rows: list[dict]) -> str:
     relative = f"plan/part-{index:05d}.parquet"
     storage.write_table(relative, pa.Table.from_pylist(rows, schema=PLAN_SCHEMA))
     return relative
+
+
+def _batched(items, size: int):
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).digest()

@@ -1,61 +1,62 @@
-"""report.json: what OUTPUT holds (summed from committed shards) and what this run did."""
+"""report.json: what OUTPUT holds (summed from the commits' counters) and what this run did.
+
+Every count comes from the counters committed with each shard (``stats.ShardStats``): the report
+reads the index, never a data or rejects file.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.compute as pc
-
+from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.plan import PlanSummary
 from refed_ray.seeds import SeedSet
-from refed_ray.stats import StageStats, empty_stats, merge
-from refed_ray.storage import Storage
+from refed_ray.stats import ShardStats, StageStats, empty_stats, merge
 
 
 def build_report(
-    storage: Storage,
+    committed: CommitLog,
     config: RunConfig,
     seeds: SeedSet,
     plan: PlanSummary,
+    dataset: dict[str, Any],
     *,
     resumed: bool,
     units_before: int,
-    this_run: dict[str, Any],
+    this_run,
     wall_seconds: float,
 ) -> dict[str, Any]:
+    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis")}
     stages = empty_stats()
-    units_committed = 0
-    retried = {"feedback": 0, "synthesis": 0}  # ids whose batch ran more than once
-    for pass_name in retried:
-        for marker in storage.markers(pass_name):
-            merge(stages, marker.stats)
-            units_committed += len(marker.ids) if pass_name == "synthesis" else 0
-            retried[pass_name] += len(marker.ids) if marker.attempt > 1 else 0
-    lost = units_rejected = 0
-    for table in storage.iter_committed_tables("rejects"):
-        lost += pc.sum(table.column("lost_samples")).as_py() or 0
-        # A whole unit failed (its feedback or its instructions): one row, sample_index -1.
-        whole_unit = pc.and_(pc.equal(table.column("sample_index"), -1), pc.not_equal(table.column("unit_id"), ""))
-        units_rejected += pc.sum(pc.cast(whole_unit, "int64")).as_py() or 0
-    samples = stages["refinement"].rows_out
+    for stats in totals.values():
+        merge(stages, stats.stages)
+    synthesis = committed.commits["synthesis"].values()
+    redone = [c for c in synthesis if c.attempt > 1]
+    samples = totals["synthesis"].samples
+    lost = sum(t.lost_samples for t in totals.values())
     planned_samples = plan.units * config.instructions_per_aspect
-    run_stats = {k: StageStats(**v.model_dump()) for k, v in this_run["stats"].items()}
-    run_tokens = sum(s.completion_tokens for s in run_stats.values())
+    units_committed = sum(len(c.ids) for c in synthesis)
+    run_tokens = sum(s.completion_tokens for s in this_run.stats.stages.values())
+    reasons: dict[str, int] = {}
+    for stats in totals.values():
+        for reason, count in stats.reject_reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
     return {
-        "output": storage.uri,
+        "output": committed.storage.uri,
         "model": config.model_name(),
         "device": config.engine.device,
         "references": {
             "usable": len(seeds.references),
             "skipped": len(seeds.skipped),
             "used": len(plan.references_used),
-            "feedback_retried": retried["feedback"],
+            "feedback_retried": sum(len(c.ids) for c in committed.commits["feedback"].values() if c.attempt > 1),
         },
         "feedback_calls": stages["feedback"].calls,
         "feedback_rows": stages["feedback"].rows_out,
         "plan": {
             "units": plan.units,
+            "shards": plan.shards,
             "rounds": plan.rounds,
             "instructions_per_unit": config.instructions_per_aspect,
             "planned_samples": planned_samples,
@@ -65,20 +66,35 @@ def build_report(
             "committed": units_committed,
             "resumed": units_before,
             "this_run": units_committed - units_before,
-            "retried": retried["synthesis"],
-            "rejected": units_rejected,
+            "retried": sum(len(c.ids) for c in redone),
+            "rejected": totals["synthesis"].units_rejected,
+        },
+        "shards": {
+            "planned": plan.shards,
+            "committed": len(committed.commits["synthesis"]),
+            "this_run": this_run.shards,
+            "redone": len(redone),  # their work started more than once: an actor died, a run stopped
+        },
+        # Content failures: a reply that never validated, a prompt too long. Samples lost for good.
+        "rejects": {"samples_lost": lost, "by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))},
+        # Infrastructure failures: never rejects, retried until they pass or the run stops.
+        "infrastructure": {
+            "outage_retries": sum(t.outage_retries for t in totals.values()),
+            "shards_redone": len(redone),
+            "shard_attempts_beyond_first": sum(c.attempt - 1 for c in synthesis),
         },
         "cost": _cost(config, stages),
         "samples": samples,
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
+        "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
         "stages": {name: s.model_dump() | {"retries": s.calls - _first_calls(name, s)} for name, s in stages.items()},
         "this_run": {
             "resumed": resumed,
             "wall_seconds": round(wall_seconds, 1),
-            "synthesis_seconds": round(this_run["seconds"], 1),
+            "synthesis_seconds": round(this_run.seconds, 1),
             "completion_tokens": run_tokens,
-            "completion_tokens_per_second": round(run_tokens / max(this_run["seconds"], 1e-9), 1),
+            "completion_tokens_per_second": round(run_tokens / max(this_run.seconds, 1e-9), 1),
         },
         "config": config.public_dump(),
     }
@@ -103,17 +119,22 @@ def _first_calls(stage: str, stats: StageStats) -> int:
 def summary(report: dict[str, Any]) -> str:
     stages = report["stages"]
     lines = [
-        f"refed-ray: {report['samples']} samples in {report['output']}/data "
-        f"({report['rejected_samples']} of {report['plan']['planned_samples']} planned samples rejected)",
+        f"refed-ray: {report['samples']} samples in {report['output']}/dataset "
+        f"({len(report['dataset']['files'])} files; {report['rejected_samples']} of "
+        f"{report['plan']['planned_samples']} planned samples rejected)",
         f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}"
         f"  units: {report['units']['committed']}/{report['units']['planned']}"
-        f" ({report['units']['resumed']} resumed)",
+        f" ({report['units']['resumed']} resumed)  shards redone: {report['shards']['redone']}",
     ]
     for name, s in stages.items():
         lines.append(
             f"  {name:<13} in {s['rows_in']:>7}  out {s['rows_out']:>7}  rejected {s['rejected']:>5}"
             f"  tokens {s['prompt_tokens']:>9} in / {s['completion_tokens']:>8} out"
         )
+    for reason, count in list(report["rejects"]["by_reason"].items())[:5]:
+        lines.append(f"  rejected {count:>6} x {reason}")
+    if report["infrastructure"]["outage_retries"]:
+        lines.append(f"  outage retries (not rejects): {report['infrastructure']['outage_retries']}")
     if report["cost"]:
         lines.append(f"  cost: {report['cost']['total']:.4f} (from engine.api.prices)")
     run = report["this_run"]

@@ -1,4 +1,8 @@
-"""One structured call to the teacher: schema-constrained, validated, retried a bounded number of times."""
+"""One structured call to the teacher: schema-constrained, validated, retried a bounded number of times.
+
+A reply is never accepted cut off: one that stopped at max_tokens (finish reason "length"), and
+one whose string stopped at its grammar bound (valid JSON, but cut), are both "truncated".
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from refed_ray.config import SamplingConfig
 from refed_ray.engines.base import ChatRequest, Engine, EngineDead, EngineUnavailable, RequestRejected
+from refed_ray.records import string_at_bound
 
 
 @dataclass
@@ -69,10 +74,16 @@ async def ask(
             answer.error = f"output truncated at max_tokens={max_tokens}"
             continue
         try:
-            answer.value = schema.model_validate_json(completion.text)
+            value = schema.model_validate_json(completion.text)
         except ValidationError as err:
             answer.error = f"output does not validate: {_first_problem(err)}"
             continue
+        cut = string_at_bound(request.json_schema, value.model_dump())
+        if cut:
+            # Valid JSON, but the grammar closed a string at its maxLength: cut mid-text.
+            answer.error = f"output truncated: {cut}"
+            continue
+        answer.value = value
         answer.error = ""
         return answer
     answer.error = f"{answer.error} (after {answer.calls} attempts)"

@@ -1,35 +1,40 @@
-"""Ray Data actors. Each hosts ONE engine and commits one shard per batch it finishes.
+"""Ray Data actors. Each hosts ONE engine; each task is ONE shard, committed when it finishes.
+
+A task is a whole shard (the plan decides shards; the pipeline hands Ray Data one block per
+shard), so whatever Ray retries is at most the shards in flight on an actor, never committed work:
+a task first checks whether its shard was committed by an earlier attempt of this run.
 
 The shared reference-level feedback reaches every actor once, at construction, as a broadcast
 ``ObjectRef`` (Ray Data does not dereference refs in ``fn_kwargs``, so it travels inside a list
-in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on several batches at once
-and every unit of a batch runs its chain concurrently on the one engine.
+in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on several shards at once and
+every unit of a shard runs its chain concurrently on the one engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
+import socket
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
+from refed_ray import commits
 from refed_ray.config import RunConfig
-from refed_ray.engines.base import EngineDead, create_engine
+from refed_ray.engines.base import EngineDead, EngineUnavailable, create_engine
+from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.feedback import collect_feedback
 from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
-from refed_ray.stats import StageStats, merge
+from refed_ray.stats import ShardStats, StageStats, merge
 from refed_ray.storage import Storage
 from refed_ray.synthesis import synthesize_unit
 
 log = logging.getLogger(__name__)
 
-STATS_SCHEMA = pa.schema([("shard", pa.string()), ("stats", pa.string())])
+COMMIT_SCHEMA = pa.schema([("commit", pa.string())])
+OUTAGE = "refed-ray outage"  # how the driver recognises an outage among a failed pass's errors
 
 
 class _EngineWorker:
@@ -42,39 +47,72 @@ class _EngineWorker:
         os.environ.update(ray.get(secrets[0]))
         self.config = RunConfig.model_validate_json(config_json)
         self.storage = Storage(self.config.output, self.config.storage_options)
-        self.engine = create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None)
-        # Ray Data runs several batches of an async UDF at once within one task, on top of the
-        # tasks an actor takes in parallel: this caps what the actor works on at batches_in_flight.
-        self.batch_slots = asyncio.Semaphore(self.config.workers.batches_in_flight)
+        _check_output_visible(self.storage)
+        workers = self.config.workers
+        self.engine = GuardedEngine(
+            create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None),
+            requests_in_flight=workers.requests_in_flight,
+            outage_patience_s=workers.outage_patience_s,
+            hang_timeout_s=workers.hang_timeout_s,
+        )
+        # Ray Data may hand an async actor more shards than it should work on at once.
+        self.shard_slots = asyncio.Semaphore(workers.shards_in_flight)
 
     async def __call__(self, batch: pa.Table):
+        shard = batch.column("shard")[0].as_py()
         ids = batch.column(self.id_column).to_pylist()
-        attempt = await asyncio.to_thread(self.storage.start_attempt, self.pass_name, ids)
-        try:
-            async with self.batch_slots:
-                tables, stats = await self.process(batch.to_pylist())
-        except EngineDead as err:
-            # Exit the actor: Ray restarts it (max_restarts) with a fresh engine and retries
-            # its in-flight batches (max_task_retries). Nothing of this batch was committed.
-            log.error("engine died, restarting the actor: %s", err)
-            os._exit(1)
-        # Off the event loop: a shard's writes (object-store PUTs) must not stall the other
-        # batches' requests to the engine.
-        marker = await asyncio.to_thread(self.storage.commit_shard, self.pass_name, ids, tables, stats, attempt)
-        yield pa.table({"shard": [marker.shard], "stats": [json.dumps(marker.stats)]}, STATS_SCHEMA)
+        # Off the event loop: storage requests must not stall the other shards' engine calls.
+        commit = await asyncio.to_thread(commits.find_commit, self.storage, self.pass_name, shard)
+        if commit is None:
+            async with self.shard_slots:
+                commit = await self._attempt(shard, ids, batch.to_pylist())
+        yield pa.table({"commit": [commit.model_dump_json()]}, COMMIT_SCHEMA)
 
-    async def process(self, rows: list[dict[str, Any]]):
+    async def _attempt(self, shard: str, ids: list[str], rows: list[dict[str, Any]]) -> commits.Commit:
+        attempt = await asyncio.to_thread(commits.start_attempt, self.storage, self.pass_name, shard)
+        counters: dict[str, int] = {}
+        shard_counters.set(counters)  # this task's context: its chains count their outage retries here
+        if attempt > self.config.workers.max_shard_attempts:
+            tables, stages = self.abandon(rows, attempt - 1), {}
+        else:
+            try:
+                tables, stages = await self.process(rows)
+            except EngineDead as err:
+                # Exit the actor: Ray restarts it with a fresh engine and retries its shards.
+                # Nothing of this shard was committed.
+                log.error("engine died, restarting the actor: %s", err)
+                logging.shutdown()
+                os._exit(1)
+            except EngineUnavailable as err:
+                # Fails the pass: the driver stops the run with this message; the shard stays
+                # uncommitted and a resubmission redoes it.
+                raise RuntimeError(f"{OUTAGE}: {err}") from None
+        stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
+        return await asyncio.to_thread(
+            commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt
+        )
+
+    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
+        raise NotImplementedError
+
+    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
+        """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
         raise NotImplementedError
 
 
+def _abandon_reason(attempts: int) -> str:
+    return (f"shard abandoned: its engine died on each of {attempts} attempts (a poison input, or an "
+            "engine that cannot run it); workers.max_shard_attempts")
+
+
 class FeedbackWorker(_EngineWorker):
-    """Stage 1 over a batch of references."""
+    """Stage 1 over a shard of references."""
 
     pass_name = "feedback"
     id_column = "reference_id"
 
     async def process(self, rows):
-        references = [Reference(**row) for row in rows]
+        references = [Reference(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
         results = await asyncio.gather(
             *(collect_feedback(self.engine, ref, self.config) for ref in references)
         )
@@ -85,11 +123,16 @@ class FeedbackWorker(_EngineWorker):
             "feedback": to_table([r.feedback for r in results if r.feedback], Feedback),
             "rejects": to_table([reject for r in results for reject in r.rejects], Reject),
         }
-        return tables, {"feedback": stats.model_dump()}
+        return tables, {"feedback": stats}
+
+    def abandon(self, rows, attempts):
+        rejects = [Reject(stage="feedback", reason=_abandon_reason(attempts), reference_id=row["reference_id"],
+                          source=row["source"]) for row in rows]
+        return {"rejects": to_table(rejects, Reject)}
 
 
 class SynthesisWorker(_EngineWorker):
-    """Stages 2-4 over a batch of work units, with the broadcast feedback table."""
+    """Stages 2-4 over a shard of work units, with the broadcast feedback table."""
 
     pass_name = "synthesis"
     id_column = "unit_id"
@@ -99,7 +142,7 @@ class SynthesisWorker(_EngineWorker):
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
 
     async def process(self, rows):
-        units = [WorkUnit(**row) for row in rows]
+        units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
         results = await asyncio.gather(
             *(synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config) for u in units)
         )
@@ -110,18 +153,21 @@ class SynthesisWorker(_EngineWorker):
             "data": to_table([s for r in results for s in r.samples], Sample),
             "rejects": to_table([j for r in results for j in r.rejects], Reject),
         }
-        return tables, {k: v.model_dump() for k, v in stats.items()}
+        return tables, stats
+
+    def abandon(self, rows, attempts):
+        k = self.config.instructions_per_aspect
+        rejects = [Reject(stage="engine", reason=_abandon_reason(attempts), unit_id=row["unit_id"],
+                          reference_id=row["reference_id"], aspect=row["aspect"], lost_samples=k)
+                   for row in rows]
+        return {"rejects": to_table(rejects, Reject)}
 
 
-def skip_committed(batch: pa.Table, id_column: str, committed: list[ray.ObjectRef]) -> pa.Table:
-    """Drops rows whose id a committed shard already covers (the resume filter).
-
-    A plain function, not an actor: Ray Data fuses it into the read tasks, so it takes no CPU of
-    its own (an actor here starved the reads of a 2-core machine whose other core hosts the engine).
-    """
-    return batch.filter(pc.invert(pc.is_in(batch[id_column], value_set=_committed_ids(committed[0]))))
-
-
-@functools.lru_cache(maxsize=4)
-def _committed_ids(ref: ray.ObjectRef) -> pa.Array:
-    return pa.array(ray.get(ref), pa.string())  # once per worker process, not once per batch
+def _check_output_visible(storage: Storage) -> None:
+    """An engine on a node that cannot see a local OUTPUT would write where nobody reads."""
+    if storage.is_local and not storage.exists("run.json"):
+        raise RuntimeError(
+            f"OUTPUT {storage.uri} is a local path that this node ({socket.gethostname()}) does not "
+            "share with the driver: use an object-store URI (s3://...) or a path on a file system "
+            "every node mounts, with output_shared_filesystem: true"
+        )

@@ -44,3 +44,11 @@ def pairs(count: int, prefix: str = "task") -> list[dict]:
         {"instruction": f"{prefix} {i}: explain topic number {i} clearly.", "response": f"A careful answer about topic {i}."}
         for i in range(count)
     ]
+
+
+def committed_tables(storage, folder: str):
+    """The committed tables of ``folder`` ("data", "rejects", "feedback"), as a reader sees them."""
+    from refed_ray.commits import CommitLog
+
+    for name in CommitLog(storage).files(folder):
+        yield storage.read_table(name)

@@ -9,6 +9,14 @@ reproducible. ``engine_kwargs`` inject faults:
 - ``delay``: seconds per call;
 - ``die_file``: while this file exists, the first call of an actor deletes it and kills the
   actor's process (an engine that dies mid-batch);
+- ``poison_marker``: a call whose prompt contains it (and whose schema is titled
+  ``poison_schema``, if given) kills the actor's process, every time (a poison input);
+- ``outage_file``: while this file exists every call raises ``EngineUnavailable`` (an API outage);
+  with ``outage_seconds``, the outage ends that long after the first call that met it;
+- ``hang_file``: while this file exists, the first call of an actor deletes it and never returns
+  (a hung engine);
+- ``die_after_commits``: ``{"file": path, "count": n, "output": dir}``: the first call after n
+  synthesis markers exist in ``dir`` deletes the file and kills the process;
 - ``die_writing``: ``{"file": path, "folder": "data"}``: while the file exists, the actor's first
   write into that output folder stops half way through its staging file and kills the process
   (a node lost in the middle of committing a shard).
@@ -17,13 +25,15 @@ reproducible. ``engine_kwargs`` inject faults:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import hashlib
 import json
 import os
 import random
 
 from refed_ray.config import EngineConfig
-from refed_ray.engines.base import ChatRequest, Completion, Engine, RequestRejected
+from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavailable, RequestRejected
 
 
 class FakeEngine(Engine):
@@ -35,7 +45,11 @@ class FakeEngine(Engine):
 
     async def complete(self, request: ChatRequest) -> Completion:
         prompt = request.messages[-1]["content"]
-        self._maybe_die()
+        self._maybe_die(prompt, request.json_schema.get("title", ""))
+        if self._in_outage():
+            raise EngineUnavailable("HTTP 503 service unavailable (injected outage)")
+        if _take(self.options.get("hang_file", "")):
+            await asyncio.Event().wait()
         await asyncio.sleep(self.options.get("delay", 0.0))
         if self.options.get("reject_marker", "\0") in prompt:
             raise RequestRejected("prompt of 99999 tokens does not fit the context window of 4096 tokens")
@@ -50,6 +64,29 @@ class FakeEngine(Engine):
             finish_reason="stop",
         )
 
+    def _in_outage(self) -> bool:
+        """While ``outage_file`` exists; with ``outage_seconds``, only for that long after the
+        first call that met it (the file then holds the outage's start)."""
+        path = self.options.get("outage_file")
+        if not path or not os.path.exists(path):
+            return False
+        seconds = self.options.get("outage_seconds")
+        if seconds is None:
+            return True
+        try:
+            with open(path, "r+") as handle:
+                started = handle.read().strip()
+                if not started:
+                    handle.write(str(time.time()))
+                    return True
+        except FileNotFoundError:
+            return False
+        if time.time() - float(started) < seconds:
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return False
+
     def _always_invalid(self, prompt: str, title: str) -> bool:
         if self.options.get("invalid_marker", "\0") in prompt:
             return True
@@ -57,10 +94,36 @@ class FakeEngine(Engine):
         bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") / 2**32
         return bucket < rate
 
-    def _maybe_die(self) -> None:
+    def _maybe_die(self, prompt: str, title: str) -> None:
         path = self.options.get("die_file")
-        if path and _take(path):
+        poisoned = self.options.get("poison_marker", "\0") in prompt and self.options.get("poison_schema", title) == title
+        if (path and _take(path)) or poisoned:
             os._exit(1)
+        after = self.options.get("die_after_commits")
+        if after and os.path.exists(after["file"]):
+            markers = os.path.join(after["output"], "_markers", "synthesis")
+            done = len(os.listdir(markers)) if os.path.isdir(markers) else 0
+            if done >= after["count"] and _take(after["file"]):
+                os._exit(1)
+
+
+class ZeroCostEngine(Engine):
+    """A teacher that costs nothing: one fixed valid reply per schema, built once. For benchmarks
+    of the pipeline's own cost (benchmarks/scale.py, benchmarks/chaos.py)."""
+
+    def __init__(self, config: EngineConfig):
+        self.model_name = "zero-cost-teacher"
+        self._replies: dict[str, Completion] = {}
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        key = json.dumps(request.json_schema, sort_keys=True)
+        reply = self._replies.get(key)
+        if reply is None:
+            text = json.dumps(instance(request.json_schema, random.Random(0)))
+            reply = self._replies[key] = Completion(
+                text=text, prompt_tokens=500, completion_tokens=max(1, len(text) // 4), finish_reason="stop"
+            )
+        return reply
 
 
 def instance(schema: dict, rng: random.Random, defs: dict | None = None) -> object:
@@ -100,6 +163,8 @@ def _die_in_the_middle_of_a_write(file: str, folder: str) -> None:
 
 def _take(flag: str) -> bool:
     """True for the one caller that removes ``flag``: each injected death happens once."""
+    if not flag:
+        return False
     try:
         os.remove(flag)
         return True

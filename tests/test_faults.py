@@ -5,7 +5,10 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from refed_ray.errors import UserError
+from refed_ray.commits import CommitLog, commit_shard
+from refed_ray.errors import RunStopped, UserError
+from refed_ray.export import export
+from refed_ray.stats import ShardStats
 from refed_ray.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
@@ -28,7 +31,7 @@ def test_engine_actor_killed_mid_batch_is_restarted_and_loses_nothing(tmp_path):
     die_file = tmp_path / "die-once"
     die_file.write_text("")
     engine = {**FAKE_ENGINE, "engine_kwargs": {"die_file": str(die_file), "delay": 0.05}}
-    report = run(make_config(tmp_path, seeds, num_samples=48, engine=engine, workers={"num_engines": 1, "units_per_batch": 2}))
+    report = run(make_config(tmp_path, seeds, num_samples=48, engine=engine, workers={"num_engines": 1, "units_per_shard": 2}))
     storage = Storage(str(tmp_path / "out"))
     assert not die_file.exists()  # an actor did die
     assert unit_samples(storage) == planned_samples(storage, 3)
@@ -43,7 +46,7 @@ def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, folder):
     flag = tmp_path / "die-writing"
     flag.write_text("")
     engine = {**FAKE_ENGINE, "engine_kwargs": {"die_writing": {"file": str(flag), "folder": folder}}}
-    config = make_config(tmp_path, seeds, num_samples=18, engine=engine, workers={"num_engines": 1, "units_per_batch": 2})
+    config = make_config(tmp_path, seeds, num_samples=18, engine=engine, workers={"num_engines": 1, "units_per_shard": 2})
     report = run(config)
     storage = Storage(config.output)
     assert not flag.exists()  # the write was killed
@@ -60,7 +63,7 @@ def test_kill_mid_write_leaves_nothing_partial_to_read(tmp_path, folder):
 
     again = run(config)  # the rerun resumes everything and removes the leftovers
     assert unit_samples(storage) == planned_samples(storage, 3)
-    assert sorted(storage.list("data")) == storage.committed_files("data")
+    assert sorted(storage.list("data")) == CommitLog(storage).files("data")
     assert all(name.endswith(".json") for name in storage.list("_markers/synthesis"))
     assert again["units"]["resumed"] == 6 and again["units"]["this_run"] == 0
 
@@ -116,19 +119,142 @@ def test_resume_cannot_shrink_the_plan(tmp_path):
 
 def test_partial_feedback_pass_resumes_only_what_is_missing(tmp_path):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))
-    config = make_config(tmp_path, seeds, num_samples=12, workers={"num_engines": 1, "units_per_batch": 1})
+    config = make_config(tmp_path, seeds, num_samples=24, workers={"num_engines": 1, "units_per_shard": 1})
     run(config)
     storage = Storage(config.output)
-    markers = storage.list("_markers/feedback")
-    assert len(markers) == 4  # one reference per batch
-    # As if the driver died before the last feedback shard and everything after it was committed.
-    lost = markers[-1]
-    for name in [lost, *storage.list("_markers/synthesis")]:
-        storage.delete(name)
-    kept = {name: storage.fs.info(storage.path(name))["mtime"] for name in markers[:-1]}
+    log = CommitLog(storage)
+    feedback = sorted(log.commits["feedback"].values(), key=lambda c: c.shard)
+    assert len(feedback) == 4  # one reference per shard
+    # As if the driver died before the last feedback shard and everything after it committed.
+    lost = feedback[-1]
+    del log.commits["feedback"][lost.shard]
+    log.commits["synthesis"].clear()
+    for pass_name in ("feedback", "synthesis"):
+        log.write_index(pass_name)
 
     again = run(config)
-    assert storage.list("_markers/feedback") == markers
-    assert {name: storage.fs.info(storage.path(name))["mtime"] for name in markers[:-1]} == kept
-    assert again["feedback_rows"] == 4 and again["units"]["this_run"] == 4
+    after = {c.shard: c.token for c in CommitLog(storage).commits["feedback"].values()}
+    assert {c.shard: c.token for c in feedback[:-1]}.items() <= after.items()  # survivors untouched
+    assert after[lost.shard] != lost.token  # only the lost one was redone
+    assert again["feedback_rows"] == 4 and again["units"]["this_run"] == 8
     assert unit_samples(storage) == planned_samples(storage, 3)
+
+def commits_of(storage: Storage, pass_name: str = "synthesis"):
+    return list(CommitLog(storage).commits[pass_name].values())
+
+
+def test_actor_killed_after_some_shards_committed_redoes_only_what_was_in_flight(tmp_path):
+    """A plan of many Ray blocks (one per shard); the engine actor dies after 6 shards committed.
+    Ray retries what the actor held; no committed shard is generated again."""
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(10))
+    flag = tmp_path / "die"
+    flag.write_text("")
+    out = tmp_path / "out"
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"delay": 0.02, "die_after_commits": {
+        "file": str(flag), "count": 6, "output": str(out)}}}
+    workers = {"num_engines": 1, "units_per_shard": 2, "shards_in_flight": 2}
+    report = run(make_config(tmp_path, seeds, num_samples=120, engine=engine, workers=workers))
+    storage = Storage(str(out))
+    assert not flag.exists()  # the actor died
+    assert report["plan"]["shards"] == 20 and report["shards"]["committed"] == 20
+    assert unit_samples(storage) == planned_samples(storage, 3)
+    # Each attempt writes its own data file: one file per shard means no shard was generated twice.
+    assert len(storage.list("data")) == 20
+    redone = [c for c in commits_of(storage) if c.attempt > 1]
+    assert 1 <= len(redone) <= workers["shards_in_flight"]  # the bound: shards in flight on the dead actor
+    assert report["shards"]["redone"] == len(redone) and report["infrastructure"]["shards_redone"] == len(redone)
+
+
+def test_zombie_writer_neither_loses_nor_duplicates(tmp_path):
+    """A stopped run's actor commits late: once after the rerun's clean-up removed its files (a
+    marker naming missing files), once with whole files beside the rerun's commit."""
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    config = make_config(tmp_path, seeds, num_samples=18, workers={"num_engines": 1, "units_per_shard": 2})
+    run(config)
+    storage = Storage(config.output)
+    first, second = commits_of(storage)[:2]
+    zombie_rows = pa.table({"unit_id": [first.ids[0]] * 9, "sample_index": list(range(9))})
+    late = commit_shard(storage, "synthesis", first.shard, first.ids, {"data": zombie_rows}, ShardStats(samples=9), 2)
+    storage.delete(late.files[0])  # its files were cleaned up before its marker landed
+    commit_shard(storage, "synthesis", second.shard, second.ids, {"data": zombie_rows}, ShardStats(samples=9), 2)
+
+    assert unit_samples(storage) == planned_samples(storage, 3)  # readers keep one commit per shard
+    again = run(config)
+    assert again["samples"] == 18 and again["all_planned_samples_accounted"] and again["units"]["this_run"] == 0
+    assert unit_samples(storage) == planned_samples(storage, 3)
+    _, count = export(config.output, "jsonl", str(tmp_path / "out.jsonl"))
+    assert count == 18
+    assert sorted(storage.list("data")) == CommitLog(storage).files("data")  # the zombies' files are gone
+
+
+def test_outage_past_patience_stops_the_run_without_rejects_and_resubmission_completes(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    outage = tmp_path / "outage"
+    outage.write_text("")
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"outage_file": str(outage)}}
+    config = make_config(tmp_path, seeds, num_samples=18, engine=engine,
+                         workers={"num_engines": 1, "units_per_shard": 2, "outage_patience_s": 1.5})
+    with pytest.raises(RunStopped, match=r"unavailable .*injected outage.*submit the same command again"):
+        run(config)
+    storage = Storage(config.output)
+    assert not rows(storage, "rejects")  # an outage is nobody's sample's fault
+    outage.unlink()
+    report = run(config)
+    assert report["samples"] == 18 and report["rejected_samples"] == 0 and report["all_planned_samples_accounted"]
+    assert unit_samples(storage) == planned_samples(storage, 3)
+
+
+def test_outage_shorter_than_patience_is_waited_out(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    outage = tmp_path / "outage"
+    outage.write_text("")
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"outage_file": str(outage), "outage_seconds": 3}}
+    report = run(make_config(tmp_path, seeds, num_samples=12, engine=engine,
+                             workers={"num_engines": 1, "outage_patience_s": 60}))
+    assert report["samples"] == 12 and report["rejected_samples"] == 0
+    assert report["infrastructure"]["outage_retries"] > 0
+
+
+def test_poison_shard_becomes_rejects_after_the_bound_and_the_run_goes_on(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(3), {"instruction": "POISON: explain", "response": "ok"}])
+    # Only the instruction step carries the poison: feedback succeeds, every synthesis attempt dies.
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"poison_marker": "POISON", "poison_schema": "InstructionList"}}
+    config = make_config(tmp_path, seeds, num_samples=24, engine=engine,
+                         workers={"num_engines": 1, "units_per_shard": 1, "max_shard_attempts": 2})
+    report = run(config)
+    storage = Storage(config.output)
+    abandoned = [r for r in rows(storage, "rejects") if r["stage"] == "engine"]
+    assert abandoned and all("engine died on each of 2 attempts" in r["reason"] for r in abandoned)
+    poisoned = {r["reference_id"] for r in rows(storage, "feedback") if r["instruction"].startswith("POISON")}
+    assert {r["reference_id"] for r in abandoned} == poisoned
+    assert report["samples"] + report["rejected_samples"] == 24 and report["all_planned_samples_accounted"]
+    assert report["samples"] == 24 - 3 * len(abandoned) > 0
+
+
+def test_hung_engine_is_restarted_and_its_shard_retried(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    hang = tmp_path / "hang"
+    hang.write_text("")
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"hang_file": str(hang)}}
+    report = run(make_config(tmp_path, seeds, num_samples=12, engine=engine,
+                             workers={"num_engines": 1, "hang_timeout_s": 2}))
+    assert not hang.exists()
+    assert report["samples"] == 12 and report["all_planned_samples_accounted"]
+
+
+def test_local_output_on_a_multi_node_cluster_is_refused(tmp_path, monkeypatch):
+    import ray
+
+    from refed_ray.output import refuse_local_output_on_cluster
+    from refed_ray.workers import _check_output_visible
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(UserError, match=r"local path, but the Ray cluster has 2 nodes.*object-store URI"):
+        run(make_config(tmp_path, seeds, num_samples=6))
+    assert not (tmp_path / "out" / "run.json").exists()  # refused before anything was started
+    shared = make_config(tmp_path, seeds, num_samples=6, output_shared_filesystem=True)
+    refuse_local_output_on_cluster(Storage(shared.output), shared)  # a declared shared mount is fine
+    # A node that joins later and cannot see OUTPUT refuses to start its engine.
+    with pytest.raises(RuntimeError, match="does not share with the driver"):
+        _check_output_visible(Storage(str(tmp_path / "elsewhere")))

@@ -8,9 +8,10 @@ from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
 from refed_ray.export import export
 from refed_ray.pipeline import run
+from refed_ray.plan import read_plan
 from refed_ray.records import Feedback, Reject, Sample, WorkUnit
 from refed_ray.storage import Storage
-from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
+from tests.conftest import FAKE_ENGINE, pairs, write_jsonl, committed_tables
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -22,14 +23,14 @@ def make_config(tmp_path, seeds, **overrides) -> RunConfig:
         "num_samples": 24,
         "instructions_per_aspect": 3,
         "engine": FAKE_ENGINE,
-        "workers": {"num_engines": 2, "units_per_batch": 2},
+        "workers": {"num_engines": 2, "units_per_shard": 2},
     }
     fields.update(overrides)
     return RunConfig.model_validate(fields)
 
 
 def rows(storage: Storage, folder: str) -> list[dict]:
-    return [row for table in storage.iter_committed_tables(folder) for row in table.to_pylist()]
+    return [row for table in committed_tables(storage, folder) for row in table.to_pylist()]
 
 
 def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
@@ -37,7 +38,7 @@ def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
     report = run(make_config(tmp_path, seeds))
     storage = Storage(str(tmp_path / "out"))
 
-    plan = [WorkUnit(**r) for f in storage.list("plan") for r in storage.read_table(f).to_pylist()]
+    plan = [WorkUnit(**r) for r in read_plan(storage).drop_columns(["shard"]).to_pylist()]
     feedback = [Feedback(**r) for r in rows(storage, "feedback")]
     samples = [Sample(**r) for r in rows(storage, "data")]
     rejects = [Reject(**r) for r in rows(storage, "rejects")]

@@ -1,27 +1,55 @@
+"""The commit protocol (commits.py) on a local OUTPUT: no Ray needed."""
+
 import pyarrow as pa
 
-from refed_ray.storage import Storage, shard_name
+from refed_ray.commits import CommitLog, commit_shard, find_commit, shard_name
+from refed_ray.stats import ShardStats
+from refed_ray.storage import Storage
 
 
-def test_commit_names_shards_by_ids_and_overwrites_on_retry(tmp_path):
+def commit(storage, ids, rows=1, pass_name="synthesis"):
+    table = pa.table({"unit_id": [ids[0]] * rows, "x": list(range(rows))})
+    return commit_shard(storage, pass_name, shard_name(pass_name, ids), ids, {"data": table, "rejects": table.slice(0, 0)},
+                        ShardStats(samples=rows))
+
+
+def test_each_attempt_writes_its_own_files_and_readers_take_one(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    table = pa.table({"unit_id": ["b", "a"], "x": [1, 2]})
-    first = storage.commit_shard("synthesis", ["b", "a"], {"data": table, "rejects": table.slice(0, 0)}, {"n": 1})
-    again = storage.commit_shard("synthesis", ["a", "b"], {"data": table, "rejects": table.slice(0, 0)}, {"n": 1})
+    first, again = commit(storage, ["b", "a"]), commit(storage, ["a", "b"], rows=2)
     assert first.shard == again.shard == shard_name("synthesis", ["a", "b"])
-    assert first.files == [f"data/{first.shard}.parquet"]  # empty tables write no file
-    assert storage.list("data") == first.files
-    assert [m.ids for m in storage.markers("synthesis")] == [["a", "b"]]
+    assert first.files != again.files and first.files == [f"data/{first.shard}.{first.token}.parquet"]  # empty tables: no file
+    log = CommitLog(storage)
+    (chosen,) = log.commits["synthesis"].values()
+    assert chosen.token == min(first.token, again.token)  # one attempt, never a mix of the two
+    assert log.files("data") == chosen.files
+    assert len(log.stray_markers) == 1
+    assert find_commit(storage, "synthesis", first.shard) is not None
 
 
-def test_only_committed_files_are_read_and_orphans_are_removed(tmp_path):
+def test_a_marker_whose_files_are_gone_is_not_a_commit_and_never_hides_one(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    table = pa.table({"unit_id": ["a"]})
-    storage.commit_shard("synthesis", ["a"], {"data": table}, {})
-    storage.write_table("data/synthesis-orphan.parquet", pa.table({"unit_id": ["b"]}))  # killed before its marker
-    assert [t.to_pylist() for t in storage.iter_committed_tables("data")] == [[{"unit_id": "a"}]]
-    assert storage.remove_orphans(["data"]) == ["data/synthesis-orphan.parquet"]
-    assert len(storage.list("data")) == 1
+    good = commit(storage, ["a"])
+    zombie = commit(storage, ["a"])  # a stopped run's late attempt at the same shard...
+    storage.delete(zombie.files[0])  # ...whose files a rerun's clean-up deleted
+    assert [c.token for c in CommitLog(storage).commits["synthesis"].values()] == [good.token]
+    storage.delete(good.files[0])
+    assert CommitLog(storage).commits["synthesis"] == {}  # nothing valid left: the shard is redone
+    assert find_commit(storage, "synthesis", good.shard) is None
+
+
+def test_index_absorbs_markers_and_leftovers_are_removed(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    commits = [commit(storage, [f"u{i}"]) for i in range(5)]
+    storage.write_table("data/synthesis-orphan.x.parquet", pa.table({"unit_id": ["b"]}))  # killed before its marker
+    storage.write_bytes("_markers/synthesis/half.json.tmp-1", b"{")  # a local write killed midway
+    log = CommitLog(storage)
+    log.write_index("synthesis")
+    assert storage.list("_markers/synthesis") == ["_markers/synthesis/half.json.tmp-1"]
+    assert sorted(log.remove_leftovers()) == ["_markers/synthesis/half.json.tmp-1", "data/synthesis-orphan.x.parquet"]
+    again = CommitLog(storage)
+    assert {c.shard for c in again.commits["synthesis"].values()} == {c.shard for c in commits}
+    assert again.stats("synthesis").samples == 5
+    assert len(storage.list("data")) == 5
 
 
 def test_writes_leave_no_temporary_files(tmp_path):

@@ -1,0 +1,103 @@
+"""The compacted dataset: committed samples as ``OUTPUT/dataset/train-XXXXX-of-YYYYY.parquet``.
+
+Commit shards are how a run resumes; this is what users read (``datasets.load_dataset("parquet",
+data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about ``dataset_file_mb`` each, written in
+parallel by Ray Data, one task per file. ``dataset/_manifest.json`` names the committed shard
+files it was built from, so an up-to-date dataset is not written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from refed_ray.commits import CommitLog
+from refed_ray.records import Sample, arrow_schema
+from refed_ray.storage import Storage
+
+MANIFEST = "dataset/_manifest.json"
+ROWS_PER_GROUP = 10_000
+
+
+def compact_dataset(storage: Storage, log: CommitLog, file_mb: int) -> dict[str, Any]:
+    """Bring OUTPUT/dataset up to date with the committed samples; returns its manifest."""
+    files = log.files("data")
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    if storage.exists(MANIFEST):
+        manifest = storage.read_json(MANIFEST)
+        if manifest.get("digest") == digest:
+            return manifest
+    sizes = storage.sizes("data")
+    groups = _pack(files, sizes, file_mb * 2**20)
+    names = [f"dataset/train-{i:05d}-of-{len(groups):05d}.parquet" for i in range(len(groups))]
+    rows = 0
+    if groups:
+        tasks = ray.data.from_items(
+            [{"target": name, "files": group} for name, group in zip(names, groups)], override_num_blocks=len(groups)
+        ).map_batches(
+            _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+            fn_kwargs={"uri": storage.uri, "storage_options": storage.storage_options},
+        )
+        rows = sum(sum(batch["rows"].to_pylist()) for batch in tasks.iter_batches(batch_format="pyarrow"))
+    stale = set(storage.list("dataset")) - set(names) - {MANIFEST}
+    storage.delete_many(stale)
+    manifest = {"digest": digest, "files": names, "rows": rows, "shard_files": len(files)}
+    storage.write_json(MANIFEST, manifest)
+    return manifest
+
+
+def _pack(files: list[str], sizes: dict[str, int], target: int) -> list[list[str]]:
+    """Consecutive files in groups of about ``target`` bytes (compressed shards compact to about
+    their own size)."""
+    groups, current, size = [], [], 0
+    for name in files:
+        if current and size + sizes.get(name, 0) > target:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += sizes.get(name, 0)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
+    """One dataset file from its shard files, streamed: memory holds one row group at a time."""
+    storage = Storage(uri, storage_options)
+    target = batch["target"][0].as_py()
+    schema = arrow_schema(Sample)
+    staging = f"{target}.tmp-{uuid.uuid4().hex}" if storage.is_local else target
+    rows, pending = 0, []
+    if storage.is_local:
+        storage.fs.makedirs(storage.path("dataset"), exist_ok=True)
+    # On object stores the upload completes (and the object appears, whole) when the file closes.
+    with storage.fs.open(storage.path(staging), "wb") as handle, pq.ParquetWriter(
+        handle, schema, compression="zstd"
+    ) as writer:
+        for name in batch["files"][0].as_py():
+            pending.append(storage.read_table(name).select(schema.names).cast(schema))
+            if sum(t.num_rows for t in pending) >= ROWS_PER_GROUP:
+                rows += _flush(writer, pending)
+        rows += _flush(writer, pending)
+    if storage.is_local:
+        storage.fs.mv(storage.path(staging), storage.path(target))
+    return pa.table({"rows": [rows]})
+
+
+def _flush(writer: pq.ParquetWriter, pending: list[pa.Table]) -> int:
+    if not pending:
+        return 0
+    table = pa.concat_tables(pending)
+    writer.write_table(table, row_group_size=ROWS_PER_GROUP)
+    pending.clear()
+    return table.num_rows
+
+
+def read_manifest(storage: Storage) -> dict[str, Any] | None:
+    return json.loads(storage.read_bytes(MANIFEST)) if storage.exists(MANIFEST) else None

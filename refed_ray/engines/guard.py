@@ -1,0 +1,95 @@
+"""What a worker puts around its engine: admission, outage patience and a hang watchdog.
+
+- Admission: at most ``requests_in_flight`` calls reach the engine at once (enough to fill it:
+  vLLM's ``max_num_seqs`` by default), whatever the number of shards and chains waiting.
+- Outages (``EngineUnavailable``: an API down past its own retries, a timeout) are waited out with
+  backoff for up to ``outage_patience_s``; past that the error goes up and the run stops with the
+  shard uncommitted. Each retry is counted in the shard's ``outage_retries``, never as a reject.
+- A hung engine (calls in flight, no answer of any kind for ``hang_timeout_s``) is treated as a
+  dead one: the process exits, Ray restarts the actor and retries its shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import threading
+import time
+
+from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+# The counters of the shard a coroutine works for (set per shard by the worker).
+shard_counters: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("shard_counters", default=None)
+
+
+class GuardedEngine(Engine):
+    def __init__(self, engine: Engine, *, requests_in_flight: int | None, outage_patience_s: float,
+                 hang_timeout_s: float):
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.max_concurrency = engine.max_concurrency
+        limit = requests_in_flight or engine.max_concurrency
+        self._slots = asyncio.Semaphore(limit) if limit else None
+        self._patience = outage_patience_s
+        self._hang_timeout = hang_timeout_s
+        self._in_flight = 0
+        self._last_answer = time.monotonic()
+        threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        if self._slots is None:
+            return await self._patiently(request)
+        async with self._slots:
+            return await self._patiently(request)
+
+    async def _patiently(self, request: ChatRequest) -> Completion:
+        started, delay = time.monotonic(), 1.0
+        while True:
+            try:
+                return await self._timed(request)
+            except EngineUnavailable as err:
+                waited = time.monotonic() - started
+                if waited >= self._patience:
+                    raise EngineUnavailable(
+                        f"{err} (still failing after {waited:.0f} s: workers.outage_patience_s={self._patience:g})"
+                    ) from err
+                counters = shard_counters.get()
+                if counters is not None:
+                    counters["outage_retries"] = counters.get("outage_retries", 0) + 1
+                log.warning("engine unavailable, retrying in %.0f s: %s", delay, err)
+                await asyncio.sleep(min(delay, max(self._patience - waited, 0.1)))
+                delay = min(delay * 2, 60.0)
+
+    async def _timed(self, request: ChatRequest) -> Completion:
+        if self._in_flight == 0:
+            self._last_answer = time.monotonic()  # idle time is not a hang
+        self._in_flight += 1
+        try:
+            return await self.engine.complete(request)
+        finally:
+            # Any answer, an error included, shows the engine is alive.
+            self._in_flight -= 1
+            self._last_answer = time.monotonic()
+
+    def _watch(self) -> None:
+        period = max(0.2, min(30.0, self._hang_timeout / 10))
+        while True:
+            time.sleep(period)
+            silent = time.monotonic() - self._last_answer
+            if self._in_flight and silent > self._hang_timeout:
+                log.error(
+                    "engine hung: %d calls in flight and no answer for %.0f s (workers.hang_timeout_s); "
+                    "exiting so Ray restarts this actor and retries its shards", self._in_flight, silent,
+                )
+                logging.shutdown()
+                os._exit(1)
+
+    def metrics(self) -> dict[str, int]:
+        return self.engine.metrics()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,81 @@
+"""The run's OUTPUT lifecycle: start it, resume it, or refuse it, before any engine starts.
+
+- A run writes only into an empty OUTPUT or one holding a refed-ray run (``run.json``): it deletes
+  files it does not know in its own folders, so it never touches a folder holding anything else.
+- A resume must share the fingerprint (model, engine, prompts, references, sampling, plan
+  settings) of the run that wrote OUTPUT, and may grow the plan, not shrink it.
+- A local OUTPUT on a multi-node cluster is refused: each node would write to its own disk.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from refed_ray import commits
+from refed_ray.config import RunConfig
+from refed_ray.errors import UserError
+from refed_ray.prompts import prompts_digest
+from refed_ray.seeds import SeedSet
+from refed_ray.storage import Storage
+
+RUN_FILE = "run.json"
+KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "dataset", "export",
+         "_markers", "_attempts", "_index")
+
+
+def open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
+    """Start or resume OUTPUT: True when resuming an earlier, compatible run."""
+    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
+    if force_new:
+        clear(storage)
+    resumed = storage.exists(RUN_FILE)
+    if resumed:
+        check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
+    elif not storage.is_empty():
+        raise UserError(
+            f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): choose a new or empty --output"
+        )
+    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
+    return resumed
+
+
+def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:
+    """Refuse to resume a run with another fingerprint, or with a smaller plan."""
+    planned_for = previous_run["config"]["num_samples"]
+    if num_samples < planned_for and commits.committed_any(storage, "synthesis"):
+        raise UserError(
+            f"{storage.uri} was planned for {planned_for} samples; a resume can grow the plan, not "
+            f"shrink it (committed units would fall outside it): pass --num-samples {planned_for} "
+            "or more, or --force-new"
+        )
+    previous = previous_run["fingerprint"]
+    differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
+    if differs:
+        details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
+        raise UserError(
+            f"{storage.uri} holds a run with a different {', '.join(differs)} ({details}). "
+            "Resuming would mix incompatible samples: pass --force-new to discard it, "
+            "or choose another --output."
+        )
+
+
+def clear(storage: Storage) -> None:
+    for name in KNOWN:
+        if storage.exists(name):
+            storage.delete(name)
+
+
+def refuse_local_output_on_cluster(storage: Storage, config: RunConfig) -> None:
+    """Before any engine starts: a local path on a multi-node cluster is each node's own disk.
+    (Nodes that join later check it too: an engine actor refuses to start where it cannot see
+    OUTPUT's run.json.)"""
+    if not storage.is_local or config.output_shared_filesystem:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        raise UserError(
+            f"--output {storage.uri} is a local path, but the Ray cluster has {len(nodes)} nodes: each "
+            "would write to its own disk and the data would die with its node. Use an object-store "
+            "URI (s3://bucket/path, gs://...), or, for a path every node mounts (NFS, EFS, Lustre), "
+            "set output_shared_filesystem: true"
+        )
