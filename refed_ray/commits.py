@@ -24,10 +24,7 @@ read a few objects and a few listings, not one object per shard.
 from __future__ import annotations
 
 import hashlib
-import json
-import posixpath
 import uuid
-from collections.abc import Iterable
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -189,18 +186,3 @@ def committed_any(storage: Storage, pass_name: str) -> bool:
     return storage.exists(f"_index/{pass_name}.parquet") or any(
         name.endswith(".json") for name in storage.list(f"_markers/{pass_name}")
     )
-
-
-def marker_parts(name: str) -> tuple[str, str]:
-    """``(shard, token)`` of a marker path."""
-    shard, token, _ = posixpath.basename(name).rsplit(".", 2)
-    return shard, token
-
-
-def read_tables(storage: Storage, files: Iterable[str]):
-    for name in files:
-        yield storage.read_table(name)
-
-
-def dumps(commit: Commit) -> str:
-    return json.dumps(commit.model_dump(mode="json"))

@@ -25,21 +25,24 @@ MANIFEST = "dataset/_manifest.json"
 ROWS_PER_GROUP = 10_000
 
 
-def compact_dataset(storage: Storage, log: CommitLog, file_mb: int) -> dict[str, Any]:
-    """Bring OUTPUT/dataset up to date with the committed samples; returns its manifest."""
-    files = log.files("data")
-    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: int | None = None) -> dict[str, Any]:
+    """Bring OUTPUT/dataset up to date with the committed samples, ``max_rows`` at most (a top-up
+    may overshoot N by part of a shard); returns its manifest."""
+    files = _take_rows(log, max_rows)
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     if storage.exists(MANIFEST):
         manifest = storage.read_json(MANIFEST)
         if manifest.get("digest") == digest:
             return manifest
     sizes = storage.sizes("data")
-    groups = _pack(files, sizes, file_mb * 2**20)
+    groups = _pack([name for name, _ in files], sizes, file_mb * 2**20)
+    limits = dict(files)
     names = [f"dataset/train-{i:05d}-of-{len(groups):05d}.parquet" for i in range(len(groups))]
     rows = 0
     if groups:
         tasks = ray.data.from_items(
-            [{"target": name, "files": group} for name, group in zip(names, groups)], override_num_blocks=len(groups)
+            [{"target": name, "files": group, "limits": [limits[f] for f in group]}
+             for name, group in zip(names, groups)], override_num_blocks=len(groups)
         ).map_batches(
             _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
             fn_kwargs={"uri": storage.uri, "storage_options": storage.storage_options},
@@ -50,6 +53,20 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int) -> dict[str,
     manifest = {"digest": digest, "files": names, "rows": rows, "shard_files": len(files)}
     storage.write_json(MANIFEST, manifest)
     return manifest
+
+
+def _take_rows(log: CommitLog, max_rows: int | None) -> list[tuple[str, int]]:
+    """``(file, rows to take)`` of the committed data files in a stable order, up to ``max_rows``."""
+    rows_of = {f: c.stats.samples for commits in log.commits.values() for c in commits.values()
+               for f in c.files if f.startswith("data/")}
+    taken, total = [], 0
+    for name in log.files("data"):
+        if max_rows is not None and total >= max_rows:
+            break
+        rows = rows_of[name] if max_rows is None else min(rows_of[name], max_rows - total)
+        taken.append((name, rows))
+        total += rows
+    return taken
 
 
 def _pack(files: list[str], sizes: dict[str, int], target: int) -> list[list[str]]:
@@ -80,8 +97,8 @@ def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
     with storage.fs.open(storage.path(staging), "wb") as handle, pq.ParquetWriter(
         handle, schema, compression="zstd"
     ) as writer:
-        for name in batch["files"][0].as_py():
-            pending.append(storage.read_table(name).select(schema.names).cast(schema))
+        for name, limit in zip(batch["files"][0].as_py(), batch["limits"][0].as_py()):
+            pending.append(storage.read_table(name).select(schema.names).cast(schema).slice(0, limit))
             if sum(t.num_rows for t in pending) >= ROWS_PER_GROUP:
                 rows += _flush(writer, pending)
         rows += _flush(writer, pending)

@@ -7,6 +7,7 @@ Data, one task per shard, and the driver only sees one small commit row per shar
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from refed_ray.dataset import compact_dataset
 from refed_ray.engines.base import load_class
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.output import open_output, refuse_local_output_on_cluster
-from refed_ray.plan import pending_shards, read_plan, write_plan
+from refed_ray.plan import pending_shards, read_plan, units_needed, write_plan
 from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
@@ -39,6 +40,12 @@ class PassResult:
     shards: int = 0
     seconds: float = 0.0
     stats: ShardStats = field(default_factory=ShardStats)
+
+    def __iadd__(self, other: PassResult) -> PassResult:
+        self.shards += other.shards
+        self.seconds += other.seconds
+        self.stats += other.stats
+        return self
 
 
 def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
@@ -73,12 +80,23 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         "secrets": [ray.put(secrets)],
         **_rate_limiter(config),
     }
-    used = set(plan.references_used)
-    _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in used])
-    feedback_ref = ray.put(_read_feedback(storage, committed))
     units_before = len(committed.ids("synthesis"))
-    this_run = _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
-    dataset = compact_dataset(storage, committed, config.dataset_file_mb)
+    this_run = PassResult()
+    while True:
+        used = set(plan.references_used)
+        _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in used])
+        feedback_ref = ray.put(_read_feedback(storage, committed))
+        this_run += _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
+        more = _top_up_units(committed, config, plan.units)
+        if not more:
+            break
+        log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
+                 - committed.stats("synthesis").samples, config.num_samples, more)
+        plan = write_plan(
+            storage, [ref.reference_id for ref in seeds.references], config.num_samples,
+            config.instructions_per_aspect, config.seed, config.workers.units_per_shard, units=plan.units + more,
+        )
+    dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples)
 
     report = build_report(
         committed, config, seeds, plan, dataset, resumed=resumed, units_before=units_before,
@@ -86,6 +104,23 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     )
     storage.write_json("report.json", report)
     return report
+
+
+def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:
+    """Units to add so that N samples are accepted despite rejects: sized by the yield so far, and
+    bounded by ``max_extra_units`` (a share of the ceil(N/K) units the run needs without rejects)."""
+    stats = committed.stats("synthesis")
+    short = config.num_samples - stats.samples
+    base = units_needed(config.num_samples, config.instructions_per_aspect)
+    budget = math.floor(base * config.max_extra_units) - (planned_units - base)
+    done = len(committed.ids("synthesis"))
+    if short <= 0 or budget <= 0 or stats.samples == 0:
+        if short > 0:
+            log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
+                        config.num_samples, config.max_extra_units)
+        return 0
+    per_unit = stats.samples / done
+    return min(budget, math.ceil(short / per_unit))
 
 
 def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet) -> None:

@@ -80,16 +80,16 @@ def iter_units(reference_ids: list[str], num_samples: int, k: int, run_seed: int
 
 def write_plan(
     storage: Storage, reference_ids: list[str], num_samples: int, k: int, run_seed: int, units_per_shard: int,
-    keep_existing: bool = True,
+    keep_existing: bool = True, units: int | None = None,
 ) -> PlanSummary:
-    """Extend OUTPUT/plan/ to ``num_samples``: the existing parts stay as they are, the units they
-    lack are appended in new parts of whole shards. Without ``keep_existing`` (nothing committed
-    yet) the plan is written anew."""
+    """Extend OUTPUT/plan/ to ``num_samples`` (or to ``units`` units, for a top-up): the existing
+    parts stay as they are, the units they lack are appended in new parts of whole shards. Without
+    ``keep_existing`` (nothing committed yet) the plan is written anew."""
     if not keep_existing:
         storage.delete_many(storage.list("plan"))
     files = storage.list("plan")
-    planned = sum(pq.read_metadata(storage.fs.open(storage.path(f))).num_rows for f in files)
-    wanted = units_needed(num_samples, k)
+    planned = sum(_rows(storage, f) for f in files)
+    wanted = units if units is not None else units_needed(num_samples, k)
     new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
     part, rows = len(files), []
     for shard in _batched(new_units, units_per_shard):
@@ -131,6 +131,11 @@ def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
     ends = np.r_[starts[1:], len(shards)]
     return [plan.take(np.arange(s, e)) for s, e in zip(starts, ends) if shards[s] not in committed]
+
+
+def _rows(storage: Storage, relative: str) -> int:
+    with storage.fs.open(storage.path(relative), "rb") as handle:
+        return pq.read_metadata(handle).num_rows
 
 
 def _write_part(storage: Storage, index: int, rows: list[dict]) -> str:

@@ -10,9 +10,9 @@ from typing import Any
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.plan import PlanSummary
+from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
-from refed_ray.stats import ShardStats, StageStats, empty_stats, merge
+from refed_ray.stats import StageStats, empty_stats, merge
 
 
 def build_report(
@@ -60,6 +60,8 @@ def build_report(
             "rounds": plan.rounds,
             "instructions_per_unit": config.instructions_per_aspect,
             "planned_samples": planned_samples,
+            # Units beyond ceil(N/K), planned to replace rejected samples (max_extra_units).
+            "extra_units": max(0, plan.units - units_needed(config.num_samples, config.instructions_per_aspect)),
         },
         "units": {
             "planned": plan.units,
@@ -85,6 +87,7 @@ def build_report(
         },
         "cost": _cost(config, stages),
         "samples": samples,
+        "delivered": dataset["rows"],  # in dataset/: N, unless the top-up budget ran out
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
@@ -119,9 +122,9 @@ def _first_calls(stage: str, stats: StageStats) -> int:
 def summary(report: dict[str, Any]) -> str:
     stages = report["stages"]
     lines = [
-        f"refed-ray: {report['samples']} samples in {report['output']}/dataset "
-        f"({len(report['dataset']['files'])} files; {report['rejected_samples']} of "
-        f"{report['plan']['planned_samples']} planned samples rejected)",
+        f"refed-ray: {report['delivered']} samples in {report['output']}/dataset "
+        f"({len(report['dataset']['files'])} files; {report['samples']} accepted, {report['rejected_samples']} of "
+        f"{report['plan']['planned_samples']} planned samples rejected, {report['plan']['extra_units']} extra units)",
         f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}"
         f"  units: {report['units']['committed']}/{report['units']['planned']}"
         f" ({report['units']['resumed']} resumed)  shards redone: {report['shards']['redone']}",

@@ -219,7 +219,7 @@ def test_poison_shard_becomes_rejects_after_the_bound_and_the_run_goes_on(tmp_pa
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(3), {"instruction": "POISON: explain", "response": "ok"}])
     # Only the instruction step carries the poison: feedback succeeds, every synthesis attempt dies.
     engine = {**FAKE_ENGINE, "engine_kwargs": {"poison_marker": "POISON", "poison_schema": "InstructionList"}}
-    config = make_config(tmp_path, seeds, num_samples=24, engine=engine,
+    config = make_config(tmp_path, seeds, num_samples=24, engine=engine, max_extra_units=0,
                          workers={"num_engines": 1, "units_per_shard": 1, "max_shard_attempts": 2})
     report = run(config)
     storage = Storage(config.output)

@@ -60,7 +60,7 @@ def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
 def test_invalid_outputs_are_retried_then_rejected_with_their_reason(tmp_path):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [*pairs(4), {"instruction": "BROKEN please", "response": "x"}])
     engine = {**FAKE_ENGINE, "engine_kwargs": {"invalid_marker": "BROKEN", "invalid_rate": {"Refinement": 0.3}}}
-    report = run(make_config(tmp_path, seeds, num_samples=60, engine=engine))
+    report = run(make_config(tmp_path, seeds, num_samples=60, engine=engine, max_extra_units=0))
     storage = Storage(str(tmp_path / "out"))
     rejects = [Reject(**r) for r in rows(storage, "rejects")]
     samples = rows(storage, "data")
@@ -111,3 +111,20 @@ def test_export_formats(tmp_path):
     export(out, "jsonl", str(tmp_path / "plain.jsonl"))
     assert json.loads(open(tmp_path / "plain.jsonl").readline()) == {
         "instruction": refed[0]["instruction"], "response": refed[0]["improved_response"]}
+
+
+def test_rejects_are_topped_up_to_exactly_n(tmp_path):
+    """A teacher that rejects about 20% of samples: more units are planned, and the dataset holds N."""
+    import pyarrow.parquet as pq
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(6))
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"invalid_rate": {"Refinement": 0.2}}}
+    config = make_config(tmp_path, seeds, num_samples=60, engine=engine)
+    report = run(config)
+    assert report["rejected_samples"] > 0 and report["plan"]["extra_units"] > 0
+    assert report["samples"] >= 60 and report["delivered"] == 60
+    assert report["all_planned_samples_accounted"]
+    dataset = tmp_path / "out" / "dataset"
+    assert sum(pq.read_metadata(f).num_rows for f in dataset.glob("train-*.parquet")) == 60
+    again = run(config)  # a resume of a delivered run plans nothing more
+    assert again["plan"]["units"] == report["plan"]["units"] and again["delivered"] == 60

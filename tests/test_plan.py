@@ -1,4 +1,4 @@
-from refed_ray.plan import iter_units, make_unit, units_needed, write_plan
+from refed_ray.plan import iter_units, make_unit, pending_shards, read_plan, units_needed, write_plan
 from refed_ray.storage import Storage
 
 REFS = [f"ref-{i}" for i in range(5)]
@@ -11,29 +11,51 @@ def test_units_are_deterministic_and_distinct():
     assert make_unit(8, 0, "ref-1", "subject_areas").unit_id != make_unit(7, 0, "ref-1", "subject_areas").unit_id
 
 
-def test_num_samples_decides_rounds_and_partial_round():
+def test_num_samples_decides_rounds_and_both_aspects_go_together():
     units = list(iter_units(REFS, num_samples=125, k=5, run_seed=0))
     assert len(units) == units_needed(125, 5) == 25
     rounds = [u.round for u in units]
     assert rounds.count(0) == rounds.count(1) == 10 and rounds.count(2) == 5
     assert len({(u.round, u.reference_id, u.aspect) for u in units}) == 25
+    # Both aspects of a reference side by side, as the authors run them.
+    assert all(a.reference_id == b.reference_id for a, b in zip(units[0:20:2], units[1:20:2]))
+    # Each round visits the references in its own seeded order.
+    assert [u.reference_id for u in units[:10:2]] != [u.reference_id for u in units[10:20:2]]
 
 
 def test_more_samples_extends_the_plan_without_changing_it():
     small = [u.unit_id for u in iter_units(REFS, 30, 4, 0)]
     large = [u.unit_id for u in iter_units(REFS, 90, 4, 0)]
-    assert set(small) <= set(large)
+    assert large[: len(small)] == small
 
 
-def test_write_plan_is_reproducible(tmp_path, monkeypatch):
+def test_plan_is_reproducible_and_only_appended_to(tmp_path, monkeypatch):
     monkeypatch.setattr("refed_ray.plan.ROWS_PER_PLAN_FILE", 7)
     storage = Storage(str(tmp_path / "out"))
-    first = write_plan(storage, REFS, 100, 4, 3)
-    rows = [storage.read_table(f).to_pylist() for f in first.files]
-    again = write_plan(storage, REFS, 100, 4, 3)
-    assert [storage.read_table(f).to_pylist() for f in again.files] == rows
-    assert first.units == 25 and first.rounds == 3 and len(first.files) == 4
-    assert sum(len(r) for r in rows) == 25
-    smaller = write_plan(storage, REFS, 8, 4, 3)
-    assert storage.list("plan") == smaller.files == ["plan/part-00000.parquet"]
-    assert len(smaller.references_used) <= 2
+    first = write_plan(storage, REFS, 100, 4, 3, units_per_shard=3)
+    rows = read_plan(storage).to_pylist()
+    assert first.units == 25 and first.rounds == 3 and first.shards == 9
+    assert [len(read_plan(storage, [f])) for f in first.files] == [9, 9, 7]  # whole shards per part
+    again = write_plan(storage, REFS, 100, 4, 3, units_per_shard=3)
+    assert read_plan(storage).to_pylist() == rows and again.files == first.files
+
+    grown = write_plan(storage, REFS, 140, 4, 3, units_per_shard=3)
+    grown_rows = read_plan(storage).to_pylist()
+    assert grown_rows[: len(rows)] == rows  # old shards as they were (the last one stays short)
+    assert grown.units == 35 and grown.shards == 9 + 4
+    assert len({r["shard"] for r in grown_rows[len(rows):]} & {r["shard"] for r in rows}) == 0
+
+    fresh = write_plan(storage, REFS, 8, 4, 3, units_per_shard=3, keep_existing=False)
+    assert storage.list("plan") == fresh.files == ["plan/part-00000.parquet"] and fresh.units == 2
+
+
+def test_pending_shards_are_one_small_table_each(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    write_plan(storage, REFS, 100, 4, 3, units_per_shard=4)
+    plan = read_plan(storage)
+    shards = pending_shards(plan, committed=set())
+    assert [t.num_rows for t in shards] == [4] * 6 + [1]
+    assert all(len(set(t.column("shard").to_pylist())) == 1 for t in shards)
+    done = {shards[0].column("shard")[0].as_py(), shards[3].column("shard")[0].as_py()}
+    assert len(pending_shards(plan, done)) == 5
+    assert shards[0].nbytes < plan.nbytes  # a copy, not a slice carrying the whole plan

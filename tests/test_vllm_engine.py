@@ -9,15 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from refed_ray.commits import CommitLog
 from refed_ray.records import Feedback, RefedRow, Reject, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, write_jsonl, committed_tables
 
 pytestmark = pytest.mark.engine
 
 # Char bounds well under the token budgets: a reply can always finish, so none is truncated.
 TINY_RUN = {
     "num_samples": 3,
+    "max_extra_units": 0,  # no top-up: the test's time is bounded
     "instructions_per_aspect": 3,
     "engine": {"max_model_len": 2048, "cpu_kvcache_space_gib": 1},
     "sampling": {
@@ -26,7 +28,7 @@ TINY_RUN = {
         "response_max_tokens": 400, "response_max_chars": 300,
         "refinement_max_tokens": 900, "point_max_chars": 60, "max_points": 1,
     },
-    "workers": {"num_engines": 1, "units_per_batch": 1},
+    "workers": {"num_engines": 1, "units_per_shard": 1},
 }
 
 
@@ -51,9 +53,9 @@ def test_real_engine_runs_the_whole_method(tmp_path):
 
     storage = Storage(str(out))
     report = json.loads((out / "report.json").read_text())
-    feedback = [Feedback(**r) for t in storage.iter_committed_tables("feedback") for r in t.to_pylist()]
-    samples = [Sample(**r) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
-    rejects = [Reject(**r) for t in storage.iter_committed_tables("rejects") for r in t.to_pylist()]
+    feedback = [Feedback(**r) for t in committed_tables(storage, "feedback") for r in t.to_pylist()]
+    samples = [Sample(**r) for t in committed_tables(storage, "data") for r in t.to_pylist()]
+    rejects = [Reject(**r) for t in committed_tables(storage, "rejects") for r in t.to_pylist()]
     plan = [r for f in storage.list("plan") for r in pq.read_table(out / f).to_pylist()]
 
     assert len(plan) == 1 and report["device"] == "cpu"
@@ -84,7 +86,7 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     config = tmp_path / "tiny.yaml"
     # Two units, one batch at a time: the kill lands after the first shard commits.
     config.write_text(yaml.safe_dump({**TINY_RUN, "num_samples": 6, "workers": {
-        "num_engines": 1, "units_per_batch": 1, "batches_in_flight": 1}}))
+        "num_engines": 1, "units_per_shard": 1, "shards_in_flight": 1}}))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "refed_ray.cli", "run", "--config", str(config), "--seeds", str(seeds),
                "--output", str(out)]
@@ -99,7 +101,7 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     driver.wait()
 
     storage = Storage(str(out))
-    assert len(storage.markers("synthesis")) == 1  # killed with one of two units committed
+    assert len(CommitLog(storage).commits["synthesis"]) == 1  # killed with one of two units committed
 
     done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out))
     assert done.returncode == 0, done.stderr[-4000:]
@@ -108,11 +110,11 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
         "planned": 2, "committed": 2, "resumed": 1, "this_run": 1}
 
     plan = {r["unit_id"] for f in storage.list("plan") for r in pq.read_table(out / f).to_pylist()}
-    samples = [(r["unit_id"], r["sample_index"]) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
+    samples = [(r["unit_id"], r["sample_index"]) for t in committed_tables(storage, "data") for r in t.to_pylist()]
     rejected = [(r["unit_id"], r["sample_index"], r["lost_samples"])
-                for t in storage.iter_committed_tables("rejects") for r in t.to_pylist() if r["unit_id"]]
+                for t in committed_tables(storage, "rejects") for r in t.to_pylist() if r["unit_id"]]
     assert len(samples) == len(set(samples))  # none twice
     covered = set(samples) | {(u, i) for u, i, lost in rejected if lost == 1}
     covered |= {(u, i) for u, i, lost in rejected if lost == 3 for i in range(3)}
     assert covered == {(u, i) for u in plan for i in range(3)}  # none missing
-    assert sorted(storage.list("data")) == storage.committed_files("data")  # no orphan left
+    assert sorted(storage.list("data")) == CommitLog(storage).files("data")  # no orphan left

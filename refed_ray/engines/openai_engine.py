@@ -83,6 +83,8 @@ class OpenAIEngine(Engine):
                 raise RequestRejected(f"API refused the request: {_describe(err)}") from None
             except self._errors as err:
                 raise EngineUnavailable(f"API call failed after retries: {_describe(err)}") from None
+            except ValueError as err:  # a 200 whose body is not JSON: a gateway's error page
+                raise EngineUnavailable(f"unreadable reply from the API: {str(err)[:200]}") from None
 
     async def _create(self, request: ChatRequest, use_schema: bool):
         messages = request.messages
