@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-from benchmarks.scale import write_seeds  # noqa: E402
+from benchmarks.scale import start_ray, write_seeds  # noqa: E402
 
 ACTOR_TITLE = b"ray::MapWorker(MapBatches(SynthesisWorker))"
 
@@ -37,7 +37,7 @@ def driver(config_json: str) -> None:
     from refed_ray.config import RunConfig
     from refed_ray.pipeline import run
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_ray(4)
     report = run(RunConfig.model_validate_json(config_json))
     print("RESULT " + json.dumps({"samples": report["samples"], "shards": report["shards"]}))
 

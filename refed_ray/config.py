@@ -53,11 +53,24 @@ class EngineConfig(_Section):
         default_factory=dict, description="fsspec options when model is an s3:// (or other) folder"
     )
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int | None = Field(4096, ge=256)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="weights and activations; auto = the model's dtype on GPUs, and on CPUs bfloat16 "
+        "only where the CPU has native bf16 instructions (avx512_bf16, amx_bf16), else float32",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs per engine, on one node (vLLM's multiprocessing executor)"
+    )
+    max_model_len: int | None = Field(
+        16384, ge=256, description="context window given to vLLM: room for a prompt plus a 4,096-token reply; "
+        "unset = the model's own (its KV cache must hold one such sequence)",
+    )
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     cpu_kvcache_space_gib: int = Field(4, ge=1, description="KV cache size on CPU engines")
-    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences the engine batches at once; unset = vLLM's offline default "
+        "for the device (256 on CPUs and most GPUs, 1024 on H100/H200)",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra vllm.AsyncEngineArgs fields"
     )
@@ -74,32 +87,120 @@ class EngineConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    """Decoding settings and per-step budgets. Char limits bound the structured outputs."""
+    """Decoding settings and per-step budgets; the defaults are the authors' (temperature 1.0,
+    top_p 1.0, 4,096 tokens a call) and are meant for real teachers.
 
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
+    No reply is ever accepted cut off: free text (feedback, instructions, responses) is unbounded
+    in the grammar unless a ``*_max_chars`` is set, so a reply that runs out of ``*_max_tokens``
+    is caught by its finish reason; a string that reaches a char bound set here also counts as
+    truncated. Either way the call is retried, then rejected with a reason that says "truncated".
+    The validator refuses budgets that cannot hold their reply (see ``budget_problems``).
+    """
+
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
     max_attempts: int = Field(3, ge=1, le=10, description="tries per call before a reject")
-    feedback_max_tokens: int = Field(768, ge=16)
-    instructions_max_tokens: int = Field(1536, ge=16)
-    response_max_tokens: int = Field(1024, ge=16)
-    refinement_max_tokens: int = Field(2048, ge=16)
-    feedback_max_chars: int = Field(1200, ge=20)
-    instruction_max_chars: int = Field(600, ge=20)
-    response_max_chars: int = Field(3000, ge=20)
-    point_max_chars: int = Field(300, ge=20, description="each point of the refinement analysis")
+    feedback_max_tokens: int = Field(4096, ge=16)
+    instructions_max_tokens: int = Field(4096, ge=16, description="for all K instructions of a call")
+    response_max_tokens: int = Field(4096, ge=16)
+    refinement_max_tokens: int = Field(4096, ge=16)
+    feedback_max_chars: int | None = Field(
+        None, ge=20, description="bound on each feedback string; unset = none (max_tokens decides)"
+    )
+    instruction_max_chars: int | None = Field(
+        None, ge=20, description="bound on each new instruction; unset = none (max_tokens decides)"
+    )
+    response_max_chars: int | None = Field(
+        None, ge=20, description="bound on response and improved_response; unset = none (max_tokens decides)"
+    )
+    point_max_chars: int = Field(
+        250, ge=20, description="each point of the refinement analysis (the rationale: 3 points' worth)"
+    )
     max_points: int = Field(5, ge=1, le=20, description="points per list of the refinement analysis")
+
+    @model_validator(mode="after")
+    def _replies_fit_their_budgets(self) -> SamplingConfig:
+        problems = self.budget_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def budget_problems(self, instructions_per_aspect: int | None = None) -> list[str]:
+        """Budgets that cannot hold their step's reply: a reply whose strings all stay inside
+        their char bounds must fit its max_tokens (at ``records.CHARS_PER_TOKEN`` characters a
+        token), and where the reply also has unbounded text, its bounded parts may take at most
+        half of max_tokens. The instruction step depends on K, so it is checked only when
+        ``instructions_per_aspect`` is given (by ``RunConfig``)."""
+        from refed_ray import records
+
+        steps = [
+            ("feedback_max_tokens", records.instruction_analysis_model(self.feedback_max_chars),
+             ["feedback_max_chars"]),
+            ("feedback_max_tokens", records.response_analysis_model(self.feedback_max_chars),
+             ["feedback_max_chars"]),
+            ("response_max_tokens", records.response_model(self.response_max_chars), ["response_max_chars"]),
+            ("refinement_max_tokens",
+             records.refinement_model(self.response_max_chars, self.point_max_chars, self.max_points),
+             ["response_max_chars", "point_max_chars", "max_points"]),
+        ]
+        if instructions_per_aspect is not None:
+            steps.append((
+                "instructions_max_tokens",
+                records.instruction_list_model(instructions_per_aspect, self.instruction_max_chars),
+                ["instruction_max_chars", f"K={instructions_per_aspect} (instructions_per_aspect)"],
+            ))
+        problems = []
+        for budget_field, reply, bounds in steps:
+            budget = getattr(self, budget_field)
+            worst, unbounded = records.worst_case_tokens(reply)
+            named = ", ".join(
+                bound if "=" in bound else f"sampling.{bound}={_shown(getattr(self, bound))}" for bound in bounds
+            )
+            if not unbounded and worst > budget:
+                problems.append(
+                    f"sampling.{budget_field}={budget} cannot hold the longest {reply.__name__} reply that "
+                    f"{named} allow ({worst} tokens at {records.CHARS_PER_TOKEN} characters a token): "
+                    f"raise sampling.{budget_field} to {worst} or more, or lower those bounds"
+                )
+            elif unbounded and worst > budget // 2:
+                problems.append(
+                    f"sampling.{budget_field}={budget}: the bounded parts of a {reply.__name__} reply "
+                    f"({named}) may take {worst} tokens at {records.CHARS_PER_TOKEN} characters a token, "
+                    f"more than half of it, leaving too little for its unbounded text: raise "
+                    f"sampling.{budget_field} to {2 * worst} or more, or lower those bounds"
+                )
+        return list(dict.fromkeys(problems))
+
+
+def _shown(bound: int | None) -> str:
+    return "unset" if bound is None else str(bound)
 
 
 class WorkersConfig(_Section):
-    """How the plan is spread over engine actors."""
+    """How the plan is spread over engine actors, and how they survive spot clusters."""
 
     num_engines: int = Field(1, ge=1, description="engine actors (each holds one engine)")
-    units_per_batch: int = Field(8, ge=1, description="work units per Ray Data batch")
-    batches_in_flight: int = Field(
-        2, ge=1, le=64, description="batches one actor works on at once (keeps its engine busy)"
+    units_per_shard: int = Field(
+        64, ge=1, description="work units per shard: the unit of commit, and of work redone when an actor dies"
     )
-    max_restarts: int = Field(3, ge=0, description="restarts of a dead engine actor")
-    max_task_retries: int = Field(3, ge=0, description="retries of a batch lost with its actor")
+    shards_in_flight: int = Field(
+        2, ge=1, le=64, description="shards one actor works on at once (one finishing while the next fills the engine)"
+    )
+    requests_in_flight: int | None = Field(
+        None, ge=1, description="calls one engine holds at once; unset = the engine's own capacity (vLLM max_num_seqs)"
+    )
+    max_restarts: int = Field(-1, ge=-1, description="restarts of a dead engine actor; -1 = as often as nodes are lost")
+    max_task_retries: int = Field(-1, ge=-1, description="Ray's retries of a shard lost with its actor; -1 = unbounded "
+                                  "(max_shard_attempts bounds them)")
+    max_shard_attempts: int = Field(
+        4, ge=1, description="attempts at a shard whose engine dies every time before it becomes rejects"
+    )
+    outage_patience_s: float = Field(
+        1800, gt=0, description="how long a call waits out an unavailable engine or API before the run stops"
+    )
+    hang_timeout_s: float = Field(
+        900, gt=0, description="an engine with calls in flight and no answer for this long is restarted"
+    )
 
 
 class RunConfig(_Section):
@@ -115,9 +216,24 @@ class RunConfig(_Section):
     seeds_storage_options: dict[str, Any] | None = Field(
         None, description="fsspec options for the seeds URI when they differ (e.g. anon: true)"
     )
+    output_shared_filesystem: bool = Field(
+        False, description="a local OUTPUT path that every node of a multi-node cluster mounts (NFS, EFS, Lustre)"
+    )
+    dataset_file_mb: int = Field(256, ge=1, description="target size of the compacted dataset's Parquet files")
+    max_extra_units: float = Field(
+        0.5, ge=0, le=5, description="top-up: units planned beyond ceil(N/K) to replace rejects, as a share of them"
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @model_validator(mode="after")
+    def _instruction_budget_fits(self) -> RunConfig:
+        """The instruction step's reply holds K instructions: its budget is checked here, with K."""
+        problems = self.sampling.budget_problems(self.instructions_per_aspect)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def seeds_options(self) -> dict[str, Any]:
         return self.storage_options if self.seeds_storage_options is None else self.seeds_storage_options

@@ -1,7 +1,10 @@
 """Stage 1, feedback collection: two teacher calls per reference, whatever N is later.
 
-The instruction call names the reference's subject areas and relevant skills; the response
-call says what makes the reference response good and how it could improve.
+Both calls see the whole reference pair (the same text first in both prompts, so the engine's
+prefix cache serves it once). The instruction call names the reference's subject areas and
+relevant skills, each with what makes the instruction effective to train on (clear, actionable,
+well structured); the response call says what makes the reference response good and how it
+could improve.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ async def collect_feedback(engine: Engine, reference: Reference, config: RunConf
     on_instruction, on_response = await asyncio.gather(
         ask(
             engine,
-            render("feedback_instruction", instruction=reference.instruction),
+            render("feedback_instruction", instruction=reference.instruction, response=reference.response),
             instruction_analysis_model(config.sampling.feedback_max_chars),
             seed=derive_seed(seed, "instruction"),
             **budget,

@@ -1,4 +1,12 @@
-"""Prompt templates: one ``string.Template`` file per step, under prompts/."""
+"""Prompt templates: one ``string.Template`` file per step, under prompts/.
+
+Each template puts what every call of one reference shares first (the reference pair, the
+reference's feedback) and what varies per call last (the new instruction, the response, the
+seeded variation), so an engine's prefix cache serves the shared part once.
+
+``instructions_variation.txt`` and ``instruction_facets.txt`` are the seeded variation of the
+instruction step (see ``refed_ray.instructions``): they are prompt text too, and part of the digest.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ from pathlib import Path
 from string import Template
 
 STEPS = ("feedback_instruction", "feedback_response", "instructions", "response", "refinement")
+VARIATION = "instructions_variation"
+FACETS_FILE = "instruction_facets.txt"
 
 
 def prompts_dir() -> Path:
@@ -29,9 +39,29 @@ def render(step: str, **values: object) -> list[dict[str, str]]:
     return [{"role": "user", "content": template(step).substitute(values)}]
 
 
+@cache
+def facets() -> dict[str, tuple[str, ...]]:
+    """The choices of each facet of the instruction variation, in file order:
+    ``{"audience": (...), "form": (...), "difficulty": (...), "setting": (...)}``."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in (prompts_dir() / FACETS_FILE).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        elif current is None:
+            raise ValueError(f"{FACETS_FILE}: a choice before any [section]: {line!r}")
+        else:
+            current.append(line)
+    return {name: tuple(choices) for name, choices in sections.items()}
+
+
 def prompts_digest() -> str:
-    """Changes whenever any template changes: part of the resume fingerprint."""
+    """Changes whenever any template or the facets change: part of the resume fingerprint."""
     digest = hashlib.sha256()
-    for step in STEPS:
+    for step in (*STEPS, VARIATION):
         digest.update(template(step).template.encode())
+    digest.update((prompts_dir() / FACETS_FILE).read_bytes())
     return digest.hexdigest()[:16]

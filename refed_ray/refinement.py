@@ -1,8 +1,10 @@
 """Stage 4, refinement: apply the reference's response feedback to a synthesized response.
 
-The prompt says the feedback was written for a similar but different pair, so the teacher
-applies only the relevant points. The reply is the REFED analysis, strategy and improved
-response.
+The prompt says the feedback was written for a similar but different pair, and walks the
+teacher through a quality assessment: analyse the original, keep the feedback points that apply
+and ignore the rest, make the highest-impact changes, keep what works. The reply is the REFED
+analysis, strategy and improved response. The feedback, shared by every sample of a reference,
+comes first in the prompt; the instruction and response last (prefix caching).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Stage 3, response synthesis: one call per new instruction, with the reference pair shown as
-an in-context example of a good response."""
+an in-context example of a good response and an explicit list of what the response must do.
+The reference pair comes first in the prompt and the new instruction last (prefix caching)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_errors_and_dumps_never_show_credentials_but_keep_settings(tmp_path):
     assert "engine.api.api_key: unknown key" in str(caught.value) and "sk-live-123" not in str(caught.value)
     dumped = RunConfig(engine={"kind": "openai", "model": "m", "api": {"api_key_env": "MY_KEY", "tokens_per_minute": 9}}).public_dump()
     assert dumped["engine"]["api"]["api_key_env"] == "MY_KEY" and dumped["engine"]["api"]["tokens_per_minute"] == 9
-    assert dumped["sampling"]["response_max_tokens"] == 1024
+    assert dumped["sampling"]["response_max_tokens"] == 4096
 
 
 def test_null_sections_and_non_utf8_files(tmp_path):

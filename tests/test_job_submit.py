@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, free_port, pairs, write_jsonl
+from tests.conftest import ROOT, free_port, pairs, write_jsonl, committed_tables
 
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray 2.60 clusters use token auth: the head, the job client and the job's driver share a token.
@@ -56,7 +56,7 @@ def fake_config(tmp_path: Path, **engine_kwargs) -> Path:
     path.write_text(yaml.safe_dump({
         "num_samples": 24, "instructions_per_aspect": 3,
         "engine": {"kind": "custom", "class_path": "tests.fake_engine:FakeEngine", "engine_kwargs": engine_kwargs},
-        "workers": {"num_engines": 1, "units_per_batch": 1, "batches_in_flight": 1},
+        "workers": {"num_engines": 1, "units_per_shard": 1, "shards_in_flight": 1},
     }))
     return path
 
@@ -87,5 +87,5 @@ def test_submit_stop_and_resubmit(head, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["units"]["resumed"] >= committed_before and report["units"]["committed"] == 8
     storage = Storage(str(out))
-    samples = [(r["unit_id"], r["sample_index"]) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
+    samples = [(r["unit_id"], r["sample_index"]) for t in committed_tables(storage, "data") for r in t.to_pylist()]
     assert len(samples) == len(set(samples)) == 24

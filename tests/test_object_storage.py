@@ -54,7 +54,7 @@ def test_run_resume_and_export_on_s3(bucket, tmp_path):
     first = run(config)
     storage = Storage(f"{bucket}/runs/one")
     assert first["samples"] == 12 and first["all_planned_samples_accounted"]
-    for folder in ("feedback", "plan", "data", "_markers/synthesis"):
+    for folder in ("feedback", "plan", "data", "_index", "dataset"):
         assert storage.list(folder), folder
     assert storage.read_json("report.json")["samples"] == 12
 

@@ -15,7 +15,7 @@ import yaml
 from refed_ray.engines.default_model import prepare_default_model
 from refed_ray.records import RefedRow, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, free_port, write_jsonl
+from tests.conftest import ROOT, free_port, write_jsonl, committed_tables
 from tests.test_vllm_engine import TINY_RUN
 
 pytestmark = pytest.mark.engine
@@ -65,11 +65,11 @@ def test_run_against_vllm_serve(served_model, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     out = tmp_path / "out"
-    assert {"_markers", "data", "feedback", "plan", "report.json", "run.json"} <= {p.name for p in out.iterdir()}
+    assert {"_index", "data", "dataset", "feedback", "plan", "report.json", "run.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     storage = Storage(str(out))
-    samples = [Sample(**r) for t in storage.iter_committed_tables("data") for r in t.to_pylist()]
-    lost = sum(r["lost_samples"] for t in storage.iter_committed_tables("rejects") for r in t.to_pylist())
+    samples = [Sample(**r) for t in committed_tables(storage, "data") for r in t.to_pylist()]
+    lost = sum(r["lost_samples"] for t in committed_tables(storage, "rejects") for r in t.to_pylist())
     assert report["feedback_rows"] == 1 and report["feedback_calls"] >= 2
     assert len(samples) >= 1 and len(samples) + lost == 3 == report["plan"]["planned_samples"]
     assert all(s.model == "gemma-3-270m" for s in samples)
