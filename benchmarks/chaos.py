@@ -32,7 +32,6 @@ ACTOR_TITLE = b"ray::MapWorker(MapBatches(SynthesisWorker))"
 
 
 def driver(config_json: str) -> None:
-    import ray
 
     from refed_ray.config import RunConfig
     from refed_ray.pipeline import run
@@ -68,8 +67,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--references", type=int, default=1000)
     parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--kills", type=int, default=10, help="engine actor kills at least")
-    parser.add_argument("--every", type=float, default=8.0, help="mean seconds between kills")
+    parser.add_argument("--kills", type=int, default=10, help="engine actor kills")
+    parser.add_argument("--every", type=float, default=12.0, help="mean seconds between kills")
     parser.add_argument("--delay", type=float, default=0.002, help="seconds per teacher call")
     parser.add_argument("--workdir", default="/tmp/refed-chaos")
     parser.add_argument("--seed", type=int, default=1)
@@ -97,6 +96,9 @@ def main() -> int:
     kills, driver_kills, runs = 0, 0, 1
     proc = start_driver(config, log)
     while proc.poll() is None:
+        if kills >= args.kills and driver_kills:
+            time.sleep(1)  # enough chaos: let the run finish
+            continue
         time.sleep(rng.expovariate(1 / args.every))
         pids = engine_actor_pids()
         if proc.poll() is not None or not pids:

@@ -117,7 +117,6 @@ def count_requests() -> dict[str, int]:
 
 
 def one(config_json: str, cpus: int) -> None:
-    import ray
 
     from refed_ray.config import RunConfig
     from refed_ray.pipeline import run
@@ -153,12 +152,13 @@ def start_ray(cpus: int) -> None:
 
 
 def measure(config: dict, cpus: int) -> dict:
+    started = time.time()
     done = subprocess.run([sys.executable, __file__, "--one", json.dumps(config), "--cpus", str(cpus)],
                           capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return {**json.loads(lines[-1][len("RESULT "):]), "process_s": time.time() - started}
 
 
 # ---- objects ---------------------------------------------------------------------------------
@@ -220,8 +220,9 @@ def main() -> int:
               f"{fmt_mb(first['worker_peak_rss'])}")
         print(f"  objects written during the run ~{objects_written(output, first['shards']['committed']):,}; "
               f"left in OUTPUT {objects_left(output):,}")
-        print(f"  resume of the finished output: {resume['wall_s']:.1f} s, {resume['requests']:,} storage requests "
-              f"(driver), {resume['shards']['this_run']} shards redone")
+        print(f"  resume of the finished output: {resume['wall_s']:.1f} s in run() ({resume['process_s']:.0f} s with "
+              f"the process and Ray's start), {resume['requests']:,} storage requests (driver), "
+              f"{resume['shards']['this_run']} shards redone")
     sizes = sorted(per_sample)
     for small, large in zip(sizes, sizes[1:]):
         print(f"\ntime per sample at {large:,} / at {small:,}: {per_sample[large] / per_sample[small]:.2f}x")

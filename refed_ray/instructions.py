@@ -17,8 +17,8 @@ import math
 
 from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
-from refed_ray.prompts import facets, render, template
 from refed_ray.prompts import VARIATION as VARIATION_TEMPLATE
+from refed_ray.prompts import facets, render, template
 from refed_ray.records import Feedback, WorkUnit, instruction_list_model
 from refed_ray.structured import Answer, ask, derive_seed
 

@@ -92,6 +92,10 @@ def build_report(
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
         "stages": {name: s.model_dump() | {"retries": s.calls - _first_calls(name, s)} for name, s in stages.items()},
+        # Share of prompt tokens vLLM served from its prefix cache (0 for engines that do not say).
+        "prefix_cache_hit_rate": round(
+            sum(s.cached_prompt_tokens for s in stages.values()) / max(1, sum(s.prompt_tokens for s in stages.values())), 3
+        ),
         "this_run": {
             "resumed": resumed,
             "wall_seconds": round(wall_seconds, 1),

@@ -22,12 +22,14 @@ class StageStats(BaseModel):
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # served from the engine's prefix cache (vLLM)
 
     def add_calls(self, *answers) -> None:
         for answer in answers:
             self.calls += answer.calls
             self.prompt_tokens += answer.prompt_tokens
             self.completion_tokens += answer.completion_tokens
+            self.cached_prompt_tokens += answer.cached_tokens
 
     def __iadd__(self, other: StageStats) -> StageStats:
         for name in StageStats.model_fields:

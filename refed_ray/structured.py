@@ -26,6 +26,7 @@ class Answer:
     raw: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     calls: int = 0
 
 
@@ -72,6 +73,7 @@ async def ask(
             raise EngineDead(f"engine error: {type(err).__name__}: {err}") from err
         answer.prompt_tokens += completion.prompt_tokens
         answer.completion_tokens += completion.completion_tokens
+        answer.cached_tokens += completion.cached_tokens
         answer.raw = completion.text
         if completion.finish_reason == "length":
             answer.error = f"output truncated at max_tokens={max_tokens}"

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import hashlib
 import json
 import os
 import random
+import time
 
 from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavailable, RequestRejected

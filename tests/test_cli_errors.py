@@ -5,7 +5,6 @@ Each of these fails before Ray starts or any model loads."""
 import subprocess
 import sys
 
-
 from tests.conftest import ROOT, pairs, write_jsonl
 
 

@@ -8,8 +8,8 @@ import pytest
 from refed_ray.commits import CommitLog, commit_shard
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.export import export
-from refed_ray.stats import ShardStats
 from refed_ray.pipeline import run
+from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
 from tests.test_pipeline import make_config, rows

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, free_port, pairs, write_jsonl, committed_tables
+from tests.conftest import ROOT, committed_tables, free_port, pairs, write_jsonl
 
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray 2.60 clusters use token auth: the head, the job client and the job's driver share a token.

@@ -11,7 +11,7 @@ from refed_ray.pipeline import run
 from refed_ray.plan import read_plan
 from refed_ray.records import Feedback, Reject, Sample, WorkUnit
 from refed_ray.storage import Storage
-from tests.conftest import FAKE_ENGINE, pairs, write_jsonl, committed_tables
+from tests.conftest import FAKE_ENGINE, committed_tables, pairs, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

@@ -12,7 +12,7 @@ import yaml
 from refed_ray.commits import CommitLog
 from refed_ray.records import Feedback, RefedRow, Reject, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, write_jsonl, committed_tables
+from tests.conftest import ROOT, committed_tables, write_jsonl
 
 pytestmark = pytest.mark.engine
 

@@ -15,7 +15,7 @@ import yaml
 from refed_ray.engines.default_model import prepare_default_model
 from refed_ray.records import RefedRow, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, free_port, write_jsonl, committed_tables
+from tests.conftest import ROOT, committed_tables, free_port, write_jsonl
 from tests.test_vllm_engine import TINY_RUN
 
 pytestmark = pytest.mark.engine

@@ -26,6 +26,7 @@ class Completion(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
 # Three ways a call fails, each handled where it belongs:
