@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from refed_ray.commits import CommitLog
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, free_port, pairs, write_jsonl
 
@@ -80,7 +81,7 @@ def test_submit_stop_and_resubmit(head, tmp_path):
     job(head, "stop", "refed-stop-me")
     status = job(head, "status", "refed-stop-me").stdout
     assert "was stopped" in status, (submitted.stdout, status)
-    committed_before = len(Storage(str(out)).markers("synthesis"))
+    committed_before = len(CommitLog(Storage(str(out))).commits["synthesis"])
     assert 2 <= committed_before < 8
 
     submit(head, slow, seeds, out)
