@@ -6,7 +6,8 @@ A marker word in the prompt picks the behaviour; ``transient`` faults hit only t
 - ERR500 (transient): 500                               - HANG (transient): no answer for 30 s
 - DROP (transient): connection closed without a reply   - ALWAYS429 (always): 429
 - BADBODY (always): a 200 whose body is not JSON        - OFFSCHEMA (always): JSON off the schema
-While ``outage_until`` (a time.monotonic() value) lies ahead, every request gets a 503.
+While ``outage_until`` (a time.monotonic() value) lies ahead, every request gets a 503, and so
+do the next ``outage_requests`` requests.
 Otherwise it answers with a valid instance of the request's JSON schema. A server made with
 ``json_schema=False`` refuses ``response_format: json_schema`` with a 400, like servers without
 structured outputs, and answers JSON-mode requests from the schema given in the prompt.
@@ -33,6 +34,7 @@ class FaultServer:
         self.json_schema = json_schema
         self.hits: Counter[str] = Counter()
         self.outage_until = 0.0  # time.monotonic() before which every request gets a 503
+        self.outage_requests = 0  # the next this many requests get a 503
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -63,9 +65,11 @@ class FaultServer:
                         server.hits["REFUSED_SCHEMA"] += 1
                     message = "response_format json_schema is not supported by this server"
                     return self.reply(400, {"error": {"message": message, "type": "invalid_request_error"}})
-                if time.monotonic() < server.outage_until:
-                    with server.lock:
-                        server.hits["OUTAGE"] += 1
+                with server.lock:
+                    down = time.monotonic() < server.outage_until or server.outage_requests > 0
+                    server.outage_requests = max(0, server.outage_requests - 1)
+                    server.hits["OUTAGE"] += down
+                if down:
                     return self.reply(503, {"error": {"message": "service unavailable", "type": "overloaded"}})
                 prompt = body["messages"][-1]["content"]
                 marker = next((m for m in TRANSIENT + ALWAYS if m in prompt), None)

@@ -78,8 +78,8 @@ def test_api_outage_longer_than_retries_is_never_a_reject(tmp_path, monkeypatch)
             run(config)
         assert server.hits["OUTAGE"] > 2  # the SDK's retries, then ours, all met the outage
         assert not rows(Storage(config.output), "rejects")
-        # The resubmission meets the tail of the outage (4 s), waits it out, and completes.
-        server.outage_until = time.monotonic() + 4
+        # The resubmission meets the tail of the outage (its first 6 requests), waits it out, and completes.
+        server.outage_until, server.outage_requests = 0.0, 6
         waited = config.model_copy(update={"workers": config.workers.model_copy(update={"outage_patience_s": 120})})
         report = run(waited)
     assert report["samples"] == 12 and report["rejected_samples"] == 0 and report["all_planned_samples_accounted"]
