@@ -33,7 +33,13 @@ def head(tmp_path_factory):
          "--disable-usage-stats"],
         check=True, env=env, capture_output=True, timeout=180,
     )
-    yield f"http://127.0.0.1:{dashboard}"
+    address = f"http://127.0.0.1:{dashboard}"
+    # The job agent starts after `ray start` returns: wait until it takes requests.
+    deadline = time.time() + 120
+    while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True,
+                         timeout=60).returncode and time.time() < deadline:
+        time.sleep(2)
+    yield address
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)  # this machine runs no other head
 
 
