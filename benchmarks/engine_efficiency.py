@@ -15,9 +15,11 @@ cluster and process tree, and the medians are printed.
 - **Pipeline**: ``refed_ray.pipeline.run`` into a fresh OUTPUT (``--force-new``), unchanged, with
   every ``VLLMEngine`` request recorded (messages, JSON schema, max_tokens, sampling, submit and
   finish times, tokens) by a Ray worker setup hook that wraps ``VLLMEngine.complete`` in each
-  worker process. Its throughput is the synthesis requests' completion tokens over the synthesis
-  window: first synthesis request submitted to last one finished. Engine loads are outside it
-  (they are reported apart); everything the pipeline does between requests is inside it.
+  worker process. Its throughput is the synthesis requests' completion tokens per engine-second
+  of synthesis: each synthesis engine's window runs from its first synthesis request submitted to
+  its last one finished, summed over engines (parallel ones, and a top-up round's second pass).
+  Engine loads are outside it (reported apart); everything the pipeline does between requests is
+  inside it.
 - **Bare**: the same synthesis requests, tokenized first with the same chat template, sent to
   ``vllm.LLM.generate`` as one batch with the same engine settings (``engine_kwargs``: dtype,
   max_num_seqs, structured-outputs backend, KV cache), the same JSON schemas and sampling, in a Ray
@@ -201,32 +203,38 @@ def _without_schema(params):
 
 
 def pipeline_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Synthesis throughput over the synthesis window, and where the window's time went."""
+    """Synthesis throughput per engine-second of synthesis, and where that time went.
+
+    Each engine's synthesis window runs from its first synthesis request submitted to its last one
+    finished; a run can hold several (``num_engines`` in parallel, and a top-up round's pass after
+    the first), so the windows are summed: tokens per engine-second, comparable to one bare engine.
+    """
     requests = [r for r in records if r["kind"] == "request"]
     synthesis = [r for r in requests if r["title"] not in FEEDBACK_TITLES]
-    loads = [r for r in records if r["kind"] == "load"]
+    loads = {r["engine"]: r for r in records if r["kind"] == "load"}
     if not synthesis:
         raise SystemExit("no synthesis request was recorded: was the engine vllm?")
-    start = min(r["submit"] for r in synthesis)
-    end = max(r["done"] for r in synthesis)
-    window = max(end - start, 1e-9)
+    per_engine: dict[str, list[dict[str, Any]]] = {}
+    for r in synthesis:
+        per_engine.setdefault(r["engine"], []).append(r)
+    window = idle = area = 0.0
+    first_after_load = []
+    for engine, mine in per_engine.items():
+        start = min(r["submit"] for r in mine)
+        window += max(r["done"] for r in mine) - start
+        # Time with no synthesis request in flight on this engine, and the mean number in flight.
+        events = sorted([(r["submit"], 1) for r in mine] + [(r["done"], -1) for r in mine])
+        in_flight, last = 0, start
+        for moment, step in events:
+            if in_flight == 0:
+                idle += moment - last
+            area += in_flight * (moment - last)
+            in_flight += step
+            last = moment
+        if engine in loads:
+            first_after_load.append(round(start - loads[engine]["end"], 1))
+    window = max(window, 1e-9)
     tokens = sum(r["completion_tokens"] for r in synthesis)
-    # Engine time with no synthesis request in flight, and the mean number in flight.
-    events = sorted([(r["submit"], 1) for r in synthesis] + [(r["done"], -1) for r in synthesis])
-    in_flight = idle = area = 0.0
-    last = start
-    for moment, step in events:
-        if in_flight == 0:
-            idle += moment - last
-        area += in_flight * (moment - last)
-        in_flight += step
-        last = moment
-    engines = {r["engine"] for r in synthesis}
-    synthesis_loads = [r for r in loads if r["engine"] in engines]
-    first_after_load = [
-        min(r["submit"] for r in synthesis if r["engine"] == load["engine"]) - load["end"]
-        for load in synthesis_loads
-    ]
     return {
         "requests": synthesis,
         "all_requests": len(requests),
@@ -235,13 +243,13 @@ def pipeline_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_second": tokens / window,
         "idle_seconds": idle,
         "mean_in_flight": area / window,
-        "engines": len(engines),
+        "engines": len(per_engine),
         "engine_loads": len(loads),
-        "load_seconds": [round(r["end"] - r["start"], 1) for r in loads],
-        "first_request_after_load": [round(s, 1) for s in first_after_load],
+        "load_seconds": [round(r["end"] - r["start"], 1) for r in loads.values()],
+        "first_request_after_load": first_after_load,
         "errors": sum(1 for r in synthesis if r.get("error")),
-        "max_num_seqs": sorted({r.get("max_num_seqs") for r in loads} - {None}),
-        "dtype": sorted({r.get("dtype") for r in loads} - {None}),
+        "max_num_seqs": sorted({r.get("max_num_seqs") for r in loads.values()} - {None}),
+        "dtype": sorted({r.get("dtype") for r in loads.values()} - {None}),
     }
 
 
@@ -316,10 +324,10 @@ def print_run(index: int, report: dict, f: dict, bare: dict, seconds: float) -> 
     b = bare["bare"]
     print(f"\nrun {index} ({seconds:.0f} s): {report.get('model')} on {report.get('device')}, "
           f"dtype {','.join(map(str, f['dtype'])) or '?'}, max_num_seqs {f['max_num_seqs']}, "
-          f"{f['engines']} synthesis engine(s), {f['engine_loads']} engine load(s) in the run "
+          f"{f['engines']} synthesis engine(s) (passes x engines), {f['engine_loads']} engine load(s) in the run "
           f"({', '.join(f'{s} s' for s in f['load_seconds'])})")
-    print(f"  pipeline: {f['completion_tokens']} completion tokens in {f['seconds']:.1f} s of synthesis "
-          f"= {f['tokens_per_second']:.2f} tokens/s ({len(f['requests'])} synthesis requests, "
+    print(f"  pipeline: {f['completion_tokens']} completion tokens in {f['seconds']:.1f} engine-s of synthesis "
+          f"= {f['tokens_per_second']:.2f} tokens/s per engine ({len(f['requests'])} synthesis requests, "
           f"{f['all_requests']} in all, {f['errors']} failed)")
     print(f"    report.json: {this_run.get('completion_tokens_per_second')} tokens/s over "
           f"{this_run.get('synthesis_seconds')} s (its synthesis pass, engine start included), "

@@ -36,6 +36,7 @@ class FaultServer:
         self.outage_until = 0.0  # time.monotonic() before which every request gets a 503
         self.outage_requests = 0  # the next this many requests get a 503
         self.lock = threading.Lock()
+        self.last_request = time.monotonic()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -50,6 +51,13 @@ class FaultServer:
 
     def __exit__(self, *exc):
         self.httpd.shutdown()
+
+    def wait_quiet(self, seconds: float = 2.0, timeout: float = 60.0) -> None:
+        """Wait until no request came for ``seconds``: the engines of a stopped run have let go."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() - self.last_request < seconds:
+            assert time.monotonic() < deadline, f"the server still gets requests after {timeout:g} s"
+            time.sleep(0.2)
 
     def _handler(self):
         server = self
@@ -66,6 +74,7 @@ class FaultServer:
                     message = "response_format json_schema is not supported by this server"
                     return self.reply(400, {"error": {"message": message, "type": "invalid_request_error"}})
                 with server.lock:
+                    server.last_request = time.monotonic()
                     down = time.monotonic() < server.outage_until or server.outage_requests > 0
                     server.outage_requests = max(0, server.outage_requests - 1)
                     server.hits["OUTAGE"] += down

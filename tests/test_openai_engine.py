@@ -78,9 +78,15 @@ def test_api_outage_longer_than_retries_is_never_a_reject(tmp_path, monkeypatch)
             run(config)
         assert server.hits["OUTAGE"] > 2  # the SDK's retries, then ours, all met the outage
         assert not rows(Storage(config.output), "rejects")
-        # The resubmission meets the tail of the outage (its first 6 requests), waits it out, and completes.
+        # The resubmission meets the tail of the outage (its first 6 requests), waits it out, and
+        # completes. Stray retries of the stopped run must not eat the tail, and the SDK must not
+        # absorb it (one retry each for 6 calls in flight would): without SDK retries, every 503
+        # reaches our patience.
+        server.wait_quiet()
         server.outage_until, server.outage_requests = 0.0, 6
-        waited = config.model_copy(update={"workers": config.workers.model_copy(update={"outage_patience_s": 120})})
+        waited = config.model_copy(update={
+            "engine": config.engine.model_copy(update={"api": config.engine.api.model_copy(update={"max_retries": 0})}),
+            "workers": config.workers.model_copy(update={"outage_patience_s": 120})})
         report = run(waited)
     assert report["samples"] == 12 and report["rejected_samples"] == 0 and report["all_planned_samples_accounted"]
     assert report["infrastructure"]["outage_retries"] > 0
