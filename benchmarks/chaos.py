@@ -90,6 +90,9 @@ def main() -> int:
         "instructions_per_aspect": 10,
         "engine": {"kind": "custom", "class_path": "tests.fake_engine:ZeroCostEngine",
                    "engine_kwargs": {"delay": args.delay}},
+        # The zero-cost teacher sends one reply for every unit: dedup would drop all but the
+        # first unit's. benchmarks/diversity.py measures the dedup pass.
+        "dedup": {"enabled": False},
         "workers": {"num_engines": args.engines, "units_per_shard": 64, "shards_in_flight": shards_in_flight},
     }
     started = time.time()

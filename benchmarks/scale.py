@@ -36,6 +36,9 @@ def config_for(seeds: str, output: str, num_samples: int, engines: int, storage_
         "instructions_per_aspect": 10,
         "storage_options": storage_options or {},
         "engine": {"kind": "custom", "class_path": "tests.fake_engine:ZeroCostEngine"},
+        # The zero-cost teacher sends one reply for every unit: dedup would drop all but the
+        # first unit's. benchmarks/diversity.py measures the dedup pass.
+        "dedup": {"enabled": False},
         "workers": {"num_engines": engines, "units_per_shard": 64, "shards_in_flight": 2},
     }
 

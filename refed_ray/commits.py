@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
 
-PASSES = ("seeds", "feedback", "synthesis")
+PASSES = ("seeds", "feedback", "synthesis", "dedup")
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),

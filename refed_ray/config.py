@@ -176,6 +176,16 @@ def _shown(bound: int | None) -> str:
     return "unset" if bound is None else str(bound)
 
 
+class DedupConfig(_Section):
+    """Near-duplicate instructions (refed_ray/similarity.py states the measure)."""
+
+    enabled: bool = True
+    threshold: float = Field(0.7, gt=0, le=1, description="Jaccard similarity of word n-gram sets at which two instructions are duplicates")
+    ngram: int = Field(3, ge=1, le=10, description="words per shingle")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash values per instruction")
+    rows_per_task: int = Field(200_000, ge=1000, description="instructions one signature task hashes")
+
+
 class WorkersConfig(_Section):
     """How the plan is spread over engine actors, and how they survive spot clusters."""
 
@@ -226,6 +236,7 @@ class RunConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
 
     @model_validator(mode="after")
     def _instruction_budget_fits(self) -> RunConfig:

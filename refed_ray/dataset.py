@@ -1,6 +1,6 @@
 """The compacted dataset: committed samples as ``OUTPUT/dataset/train-XXXXX-of-YYYYY.parquet``.
 
-Commit shards are how a run resumes; this is what users read (``datasets.load_dataset("parquet",
+Commit shards are how a run resumes; this is what users read, less the samples dedup dropped (``datasets.load_dataset("parquet",
 data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about ``dataset_file_mb`` each, written in
 parallel by Ray Data, one task per file. ``dataset/_manifest.json`` names the committed shard
 files it was built from, so an up-to-date dataset is not written again.
@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -25,11 +26,14 @@ MANIFEST = "dataset/_manifest.json"
 ROWS_PER_GROUP = 10_000
 
 
-def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: int | None = None) -> dict[str, Any]:
-    """Bring OUTPUT/dataset up to date with the committed samples, ``max_rows`` at most (a top-up
-    may overshoot N by part of a shard); returns its manifest."""
-    files = _take_rows(log, max_rows)
-    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: int | None = None,
+                    dropped: pa.Table | None = None) -> dict[str, Any]:
+    """Bring OUTPUT/dataset up to date with the committed samples less the ``dropped`` ones
+    (``unit_id``, ``sample_index``: the dedup pass's), ``max_rows`` at most (a top-up may
+    overshoot N by part of a shard); returns its manifest."""
+    drops = _drops_by_file(log, dropped)
+    files = _take_rows(log, max_rows, drops)
+    digest = hashlib.sha256(json.dumps([files, sorted((f, sorted(d)) for f, d in drops.items())]).encode()).hexdigest()[:16]
     if storage.exists(MANIFEST):
         manifest = storage.read_json(MANIFEST)
         if manifest.get("digest") == digest:
@@ -41,7 +45,8 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     rows = 0
     if groups:
         tasks = ray.data.from_items(
-            [{"target": name, "files": group, "limits": [limits[f] for f in group]}
+            [{"target": name, "files": group, "limits": [limits[f] for f in group],
+              "drops": [sorted(drops.get(f, ())) for f in group]}
              for name, group in zip(names, groups)], override_num_blocks=len(groups)
         ).map_batches(
             _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
@@ -55,10 +60,28 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     return manifest
 
 
-def _take_rows(log: CommitLog, max_rows: int | None) -> list[tuple[str, int]]:
-    """``(file, rows to take)`` of the committed data files in a stable order, up to ``max_rows``."""
-    rows_of = {f: c.stats.samples for commits in log.commits.values() for c in commits.values()
-               for f in c.files if f.startswith("data/")}
+def _drops_by_file(log: CommitLog, dropped: pa.Table | None) -> dict[str, set[str]]:
+    """``data file -> {"unit_id#sample_index"}`` of the dropped samples (a unit's samples live in
+    its shard's one data file)."""
+    if dropped is None or not dropped.num_rows:
+        return {}
+    by_unit: dict[str, list[int]] = {}
+    for unit, index in zip(dropped.column("unit_id").to_pylist(), dropped.column("sample_index").to_pylist()):
+        by_unit.setdefault(unit, []).append(index)
+    drops: dict[str, set[str]] = {}
+    for commit in log.commits["synthesis"].values():
+        units = [u for u in commit.ids if u in by_unit]
+        data = [f for f in commit.files if f.startswith("data/")]
+        if units and data:
+            drops.setdefault(data[0], set()).update(f"{u}#{i}" for u in units for i in by_unit[u])
+    return drops
+
+
+def _take_rows(log: CommitLog, max_rows: int | None, drops: dict[str, set[str]]) -> list[tuple[str, int]]:
+    """``(file, rows to take after its drops)`` of the committed data files in a stable order, up
+    to ``max_rows`` in all."""
+    rows_of = {f: c.stats.samples - len(drops.get(f, ())) for commits in log.commits.values()
+               for c in commits.values() for f in c.files if f.startswith("data/")}
     taken, total = [], 0
     for name in log.files("data"):
         if max_rows is not None and total >= max_rows:
@@ -97,8 +120,12 @@ def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
     with storage.fs.open(storage.path(staging), "wb") as handle, pq.ParquetWriter(
         handle, schema, compression="zstd"
     ) as writer:
-        for name, limit in zip(batch["files"][0].as_py(), batch["limits"][0].as_py()):
-            pending.append(storage.read_table(name).select(schema.names).cast(schema).slice(0, limit))
+        for name, limit, drops in zip(batch["files"][0].as_py(), batch["limits"][0].as_py(), batch["drops"][0].as_py()):
+            table = storage.read_table(name).select(schema.names).cast(schema)
+            if drops:
+                key = pc.binary_join_element_wise(table["unit_id"], pc.cast(table["sample_index"], pa.string()), "#")
+                table = table.filter(pc.invert(pc.is_in(key, pa.array(drops, pa.string()))))
+            pending.append(table.slice(0, limit))
             if sum(t.num_rows for t in pending) >= ROWS_PER_GROUP:
                 rows += _flush(writer, pending)
         rows += _flush(writer, pending)

@@ -18,6 +18,7 @@ import ray
 
 from refed_ray.commits import CommitLog
 from refed_ray.dataset import compact_dataset
+from refed_ray.dedup import dropped_keys
 from refed_ray.errors import UserError
 from refed_ray.records import RefedRow
 from refed_ray.storage import Storage
@@ -34,7 +35,10 @@ def export(
         raise UserError(f"{output} holds no refed-ray run (no run.json)")
     if not ray.is_initialized():
         ray.init()
-    manifest = compact_dataset(storage, CommitLog(storage), file_mb)
+    log = CommitLog(storage)
+    dedup = next(iter(log.commits["dedup"].values()), None)  # the run keeps one, the latest
+    manifest = compact_dataset(storage, log, file_mb, max_rows=storage.read_json("run.json")["config"]["num_samples"],
+                               dropped=dropped_keys(storage, dedup))
     target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if fmt == 'refed-json' else 'jsonl'}"
     count = 0
     with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as out:

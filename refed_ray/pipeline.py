@@ -1,4 +1,4 @@
-"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> dataset -> report.
+"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> dedup -> top-up -> dataset -> report.
 
 Nothing grows with N on the driver but the plan's shard list: both passes stream through Ray
 Data, one task per shard, and the driver only sees one small commit row per shard.
@@ -20,10 +20,12 @@ from refed_ray import commits
 from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dataset import compact_dataset
+from refed_ray.dedup import deduplicate, dropped_keys
 from refed_ray.engines.base import load_class
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.output import open_output, refuse_local_output_on_cluster
 from refed_ray.plan import pending_shards, read_plan, units_needed, write_plan
+from refed_ray.quality import data_quality
 from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
@@ -87,20 +89,23 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in used])
         feedback_ref = ray.put(_read_feedback(storage, committed))
         this_run += _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
+        dedup = deduplicate(storage, committed, config.dedup)
         more = _top_up_units(committed, config, plan.units)
         if not more:
             break
         log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
-                 - committed.stats("synthesis").samples, config.num_samples, more)
+                 - _accepted(committed), config.num_samples, more)
         plan = write_plan(
             storage, [ref.reference_id for ref in seeds.references], config.num_samples,
             config.instructions_per_aspect, config.seed, config.workers.units_per_shard, units=plan.units + more,
         )
-    dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples)
+    dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples,
+                              dropped=dropped_keys(storage, dedup))
 
+    quality = data_quality(storage, dataset["files"], seeds.references, config.dedup.ngram, config.seed)
     report = build_report(
         committed, config, seeds, plan, dataset, resumed=resumed, units_before=units_before,
-        this_run=this_run, wall_seconds=time.time() - started,
+        this_run=this_run, wall_seconds=time.time() - started, quality=quality,
     )
     storage.write_json("report.json", report)
     return report
@@ -109,18 +114,23 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
 def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:
     """Units to add so that N samples are accepted despite rejects: sized by the yield so far, and
     bounded by ``max_extra_units`` (a share of the ceil(N/K) units the run needs without rejects)."""
-    stats = committed.stats("synthesis")
-    short = config.num_samples - stats.samples
+    accepted = _accepted(committed)
+    short = config.num_samples - accepted
     base = units_needed(config.num_samples, config.instructions_per_aspect)
     budget = math.floor(base * config.max_extra_units) - (planned_units - base)
     done = len(committed.ids("synthesis"))
-    if short <= 0 or budget <= 0 or stats.samples == 0:
+    if short <= 0 or budget <= 0 or accepted == 0:
         if short > 0:
             log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                         config.num_samples, config.max_extra_units)
         return 0
-    per_unit = stats.samples / done
+    per_unit = accepted / done
     return min(budget, math.ceil(short / per_unit))
+
+
+def _accepted(committed: CommitLog) -> int:
+    """Samples committed by synthesis and kept by dedup."""
+    return committed.stats("synthesis").samples - committed.stats("dedup").lost_samples
 
 
 def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet) -> None:

@@ -26,15 +26,22 @@ def build_report(
     units_before: int,
     this_run,
     wall_seconds: float,
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis")}
+    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis", "dedup")}
     stages = empty_stats()
     for stats in totals.values():
         merge(stages, stats.stages)
     synthesis = committed.commits["synthesis"].values()
     redone = [c for c in synthesis if c.attempt > 1]
-    samples = totals["synthesis"].samples
+    samples = totals["synthesis"].samples - totals["dedup"].lost_samples  # accepted: kept by dedup
     lost = sum(t.lost_samples for t in totals.values())
+    duplicates = {stage: sum(n for reason, n in t.reject_reasons.items() if reason.startswith("dedup:"))
+                  for stage, t in (("in_unit", totals["synthesis"]), ("across_units", totals["dedup"]))}
+    # Every instruction written became a sample, or a reject of one of these stages.
+    instructions = totals["synthesis"].samples + sum(
+        n for reason, n in totals["synthesis"].reject_reasons.items()
+        if reason.split(":")[0] in ("dedup", "responses", "refinement"))
     planned_samples = plan.units * config.instructions_per_aspect
     units_committed = sum(len(c.ids) for c in synthesis)
     run_tokens = sum(s.completion_tokens for s in this_run.stats.stages.values())
@@ -88,6 +95,15 @@ def build_report(
         "cost": _cost(config, stages),
         "samples": samples,
         "delivered": dataset["rows"],  # in dataset/: N, unless the top-up budget ran out
+        "deduplicated": {
+            **duplicates,
+            "total": sum(duplicates.values()),
+            # Share of the instructions written that were near-duplicates (of the reference, of
+            # their unit, or of the run), before dedup removed them.
+            "near_duplicate_rate": round(sum(duplicates.values()) / max(1, instructions), 4),
+            "threshold": config.dedup.threshold if config.dedup.enabled else None,
+        },
+        "quality": quality,
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
@@ -138,8 +154,18 @@ def summary(report: dict[str, Any]) -> str:
             f"  {name:<13} in {s['rows_in']:>7}  out {s['rows_out']:>7}  rejected {s['rejected']:>5}"
             f"  tokens {s['prompt_tokens']:>9} in / {s['completion_tokens']:>8} out"
         )
-    for reason, count in list(report["rejects"]["by_reason"].items())[:5]:
+    for reason, count in list(report["rejects"]["by_reason"].items())[:6]:
         lines.append(f"  rejected {count:>6} x {reason}")
+    dedup, quality = report["deduplicated"], report.get("quality")
+    lines.append(f"  near-duplicates: {dedup['near_duplicate_rate']:.1%} of instructions ({dedup['in_unit']} caught "
+                 f"before their response, {dedup['across_units']} dropped across units)")
+    if quality and quality["sampled_rows"]:
+        lengths = quality["length_tokens"]
+        lines.append(f"  diversity: distinct-1 {quality['distinct_1']}  distinct-2 {quality['distinct_2']}  "
+                     f"mean pairwise similarity {quality['mean_pairwise_similarity']}  "
+                     f"improved differs {quality['improved_differs']:.0%}")
+        lines.append("  length p10/p50/p90 (tokens): " + "  ".join(
+            f"{name} {v['p10']:.0f}/{v['p50']:.0f}/{v['p90']:.0f}" for name, v in lengths.items()))
     if report["infrastructure"]["outage_retries"]:
         lines.append(f"  outage retries (not rejects): {report['infrastructure']['outage_retries']}")
     if report["cost"]:

@@ -93,7 +93,7 @@ def _check(uri: str, seeds: SeedSet, max_bad_seeds: int) -> None:
 
 def _rows(uri: str, storage_options: dict) -> Iterator[tuple[str, dict | BadRow]]:
     name = uri.rsplit("/", 1)[-1]
-    stem = name[: -len(".gz")] if name.endswith(".gz") else name
+    stem = name.removesuffix(".gz")
     suffix = "." + stem.rsplit(".", 1)[-1] if "." in stem else ""
     if suffix not in FORMATS:
         raise UserError(

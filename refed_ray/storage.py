@@ -87,8 +87,8 @@ class Storage:
         pq.write_table(table, buffer, compression="zstd")
         self.write_bytes(relative, buffer.getvalue())
 
-    def read_table(self, relative: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(relative)))
+    def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(relative)), columns=columns)
 
     # ---- listings and deletes --------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The chain one engine runs for a work unit: instructions -> responses -> refinement.
+"""The chain one engine runs for a work unit: instructions -> (in-unit dedup) -> responses -> refinement.
 
 Each new instruction runs its own response -> refinement chain as a coroutine, so one engine
 holds requests of every step at once and no step's tail leaves it idle. Every planned sample
@@ -16,6 +16,7 @@ from refed_ray.instructions import synthesize_instructions
 from refed_ray.records import Feedback, Reject, Sample, WorkUnit
 from refed_ray.refinement import refine_response
 from refed_ray.responses import synthesize_response
+from refed_ray.similarity import near_duplicates_within
 from refed_ray.stats import StageStats
 from refed_ray.structured import Answer, derive_seed
 
@@ -50,9 +51,14 @@ async def synthesize_unit(
         result.rejects.append(_reject(unit, "instructions", planned.error, k, detail=planned.raw))
         return result
     step.rows_out = k
+    instructions = planned.value.instructions
+    duplicates = _duplicates(instructions, feedback, config)
+    for index, original in duplicates.items():
+        why = f"near-duplicate of {original} (Jaccard >= {config.dedup.threshold:g})"
+        result.rejects.append(_reject(unit, "dedup", why, 1, index, instructions[index]))
     chains = [
         _one_sample(engine, unit, feedback, index, instruction, config)
-        for index, instruction in enumerate(planned.value.instructions)
+        for index, instruction in enumerate(instructions) if index not in duplicates
     ]
     for outcome in await asyncio.gather(*chains):
         outcome.count(result.stats)
@@ -61,6 +67,15 @@ async def synthesize_unit(
         else:
             result.rejects.append(outcome.reject)
     return result
+
+
+def _duplicates(instructions: list[str], feedback: Feedback, config: RunConfig) -> dict[int, str]:
+    """Instructions that repeat the reference's or an earlier one of the unit: dropped here, before
+    their response and refinement cost two calls (dedup.py finds the duplicates across units)."""
+    if not config.dedup.enabled:
+        return {}
+    reference = [("the reference instruction", feedback.instruction)]
+    return dict(near_duplicates_within(instructions, reference, config.dedup.ngram, config.dedup.threshold))
 
 
 @dataclass

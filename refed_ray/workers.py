@@ -140,6 +140,7 @@ class SynthesisWorker(_EngineWorker):
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef], **kwargs):
         super().__init__(config_json, secrets, **kwargs)
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
+        _warn_if_underfilled(self.config, self.engine.max_concurrency)
 
     async def process(self, rows):
         units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
@@ -170,4 +171,18 @@ def _check_output_visible(storage: Storage) -> None:
             f"OUTPUT {storage.uri} is a local path that this node ({socket.gethostname()}) does not "
             "share with the driver: use an object-store URI (s3://...) or a path on a file system "
             "every node mounts, with output_shared_filesystem: true"
+        )
+
+
+def _warn_if_underfilled(config: RunConfig, engine_batch: int | None) -> None:
+    """An engine batches up to ``engine_batch`` requests (vLLM: from max_num_seqs); an actor holds
+    at most one request per sample chain of its shards in flight. Fewer leaves the engine idle."""
+    workers = config.workers
+    chains = workers.shards_in_flight * workers.units_per_shard * config.instructions_per_aspect
+    if engine_batch and chains < engine_batch:
+        log.warning(
+            "this engine can batch %d requests but its actor holds at most %d sample chains "
+            "(workers.shards_in_flight %d x units_per_shard %d x K %d): the engine runs under-filled; "
+            "raise workers.units_per_shard or workers.shards_in_flight",
+            engine_batch, chains, workers.shards_in_flight, workers.units_per_shard, config.instructions_per_aspect,
         )

@@ -17,6 +17,10 @@ reproducible. ``engine_kwargs`` inject faults:
   (a hung engine);
 - ``die_after_commits``: ``{"file": path, "count": n, "output": dir}``: the first call after n
   synthesis markers exist in ``dir`` deletes the file and kills the process;
+- ``repeat_instructions``: every round of a (reference, aspect) gets the same K instructions of 30
+  words but for the last word, drawn by the request's seed (near-duplicates across units, Jaccard
+  of word 3-grams about 0.93, or 1 when the draws meet), and a unit's last instruction repeats its
+  first likewise (a near-duplicate within the unit);
 - ``die_writing``: ``{"file": path, "folder": "data"}``: while the file exists, the actor's first
   write into that output folder stops half way through its staging file and kills the process
   (a node lost in the middle of committing a shard).
@@ -55,6 +59,8 @@ class FakeEngine(Engine):
             raise RequestRejected("prompt of 99999 tokens does not fit the context window of 4096 tokens")
         if self._always_invalid(prompt, request.json_schema.get("title", "")):
             text = '{"truncated": '
+        elif self.options.get("repeat_instructions") and request.json_schema.get("title") == "InstructionList":
+            text = json.dumps({"instructions": repeated_instructions(prompt, request)})
         else:
             text = json.dumps(instance(request.json_schema, random.Random(request.seed)))
         return Completion(
@@ -124,6 +130,19 @@ class ZeroCostEngine(Engine):
                 text=text, prompt_tokens=500, completion_tokens=max(1, len(text) // 4), finish_reason="stop"
             )
         return reply
+
+
+VOCABULARY = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ri", "su", "te") for b in ("x", "y", "z", "q", "w", "v")]
+
+
+def repeated_instructions(prompt: str, request: ChatRequest) -> list[str]:
+    """See ``repeat_instructions`` above."""
+    count = request.json_schema["properties"]["instructions"]["minItems"]
+    shared = random.Random(prompt.split("Analysis of its")[0])  # the reference and the aspect
+    own = random.Random(request.seed)
+    bodies = [[shared.choice(VOCABULARY) for _ in range(29)] for _ in range(count)]
+    bodies[-1] = list(bodies[0])
+    return [" ".join([*body, own.choice(VOCABULARY)]) for body in bodies]
 
 
 def instance(schema: dict, rng: random.Random, defs: dict | None = None) -> object:

@@ -64,7 +64,7 @@ class Engine(ABC):
     @abstractmethod
     async def complete(self, request: ChatRequest) -> Completion: ...
 
-    def shutdown(self) -> None:  # noqa: B027 - engines without resources need nothing here
+    def shutdown(self) -> None:
         """Release the engine's processes and memory."""
 
     def metrics(self) -> dict[str, int]:

@@ -75,7 +75,7 @@ class OpenAIEngine(Engine):
         async with self._slots:
             try:
                 return await asyncio.wait_for(self._create(request, use_schema), self._api.request_deadline_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineUnavailable(f"no reply within request_deadline_s={self._api.request_deadline_s}") from None
             except self._bad_request as err:
                 if use_schema and "response_format" in str(err):

@@ -1,0 +1,142 @@
+"""Near-duplicate instructions: the measure, the distributed pass at a size with several blocks,
+and a run that meets injected exact and near duplicates, is killed in the dedup pass, and resumes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from refed_ray import commits, dedup
+from refed_ray.commits import CommitLog
+from refed_ray.config import DedupConfig
+from refed_ray.pipeline import run
+from refed_ray.records import Sample, to_table
+from refed_ray.similarity import jaccard, lsh_bands, near_duplicates_within, signatures
+from refed_ray.stats import ShardStats
+from refed_ray.storage import Storage
+from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
+from tests.fake_engine import VOCABULARY
+from tests.test_pipeline import make_config, rows
+
+
+class Killed(BaseException):
+    """A kill: not an Exception, so nothing on the way up handles it."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray(local_ray):
+    yield
+
+
+def test_measure_minhash_and_bands_agree_with_the_stated_jaccard():
+    rng = random.Random(1)
+    base = [rng.choice(VOCABULARY) for _ in range(40)]
+    variants = [base, base[:-1] + ["other"], base[:20] + [rng.choice(VOCABULARY) for _ in range(20)],
+                [rng.choice(VOCABULARY) for _ in range(40)]]
+    texts = [" ".join(v) for v in variants]
+    signature = signatures(texts, 3, 128)
+    for i in range(1, 4):
+        exact = jaccard(texts[0], texts[i], 3)
+        estimate = (signature[0] == signature[i]).mean()
+        assert abs(exact - estimate) < 0.15, (i, exact, estimate)
+    assert jaccard("Explain, please: TCP!", "explain please tcp", 3) == 1.0  # case and punctuation
+    bands, rows_ = lsh_bands(0.7, 128)
+    assert bands * rows_ <= 128 and 1 - (1 - 0.7**rows_) ** bands >= 0.99
+    found = near_duplicates_within([texts[1], texts[3], texts[0]], [("the reference", texts[0])], 3, 0.7)
+    assert found == [(0, "the reference"), (2, "the reference")]
+
+
+def test_distributed_pass_finds_every_injected_duplicate_across_blocks_and_partitions(tmp_path, monkeypatch):
+    """3,000 samples in 30 shards, 3 signature blocks, several bucket partitions: every injected
+    exact or near duplicate is dropped, the earliest copy kept, nothing else dropped."""
+    storage = Storage(str(tmp_path / "out"))
+    rng = random.Random(7)
+    originals = [[rng.choice(VOCABULARY) for _ in range(30)] for _ in range(2_800)]
+    texts = [" ".join(words) for words in originals]
+    texts += [texts[i] for i in range(0, 200, 2)]  # 100 exact copies
+    texts += [" ".join(originals[i][:-1] + ["changed"]) for i in range(1, 200, 2)]  # 100 near (J ~ 0.93)
+    log = CommitLog(storage)
+    for shard in range(30):
+        units = [f"u{shard:02d}-{i}" for i in range(10)]
+        samples = [_sample(texts[shard * 100 + j], units[j // 10], j % 10) for j in range(100)]
+        tables = {"data": to_table(samples, Sample)}
+        log.add(commits.commit_shard(storage, "synthesis", f"synthesis-{shard:02d}", units, tables,
+                                     ShardStats.of(tables, {})))
+    monkeypatch.setattr(dedup, "BAND_ROWS_PER_PARTITION", 10_000)  # 3,000 x 17 band rows: 5 partitions
+    commit = dedup.deduplicate(storage, log, DedupConfig(rows_per_task=1000))
+
+    dropped = dedup.dropped_keys(storage, commit).to_pylist()
+    assert commit.stats.lost_samples == len(dropped) == 200
+    position = {(s["unit_id"], s["sample_index"]): i for i, s in enumerate(_all_samples(storage, log))}
+    assert {position[(d["unit_id"], d["sample_index"])] for d in dropped} == set(range(2_800, 3_000))
+    # A resume reuses the commit; another setting recomputes and replaces it.
+    assert dedup.deduplicate(storage, CommitLog(storage), DedupConfig(rows_per_task=1000)).token == commit.token
+    again = dedup.deduplicate(storage, CommitLog(storage), DedupConfig(rows_per_task=1000, threshold=0.99))
+    assert again.stats.lost_samples == 100  # only the exact copies reach 0.99
+    assert list(CommitLog(storage).commits["dedup"]) == [again.shard]
+
+
+def test_run_drops_counts_and_records_duplicates_and_a_kill_in_dedup_resumes_exactly(tmp_path, monkeypatch):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}}
+    config = make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine)
+    storage = Storage(config.output)
+
+    # Killed after the dedup pass computed, before its commit: nothing of it counts.
+    real_commit = commits.commit_shard
+
+    def dying_commit(storage_, pass_name, *args, **kwargs):
+        if pass_name == "dedup":
+            raise Killed("driver killed in the dedup pass")
+        return real_commit(storage_, pass_name, *args, **kwargs)
+
+    monkeypatch.setattr(dedup.commits, "commit_shard", dying_commit)
+    with pytest.raises(Killed):
+        run(config)
+    monkeypatch.setattr(dedup.commits, "commit_shard", real_commit)
+    assert not CommitLog(storage).commits["dedup"]
+
+    report = run(config)
+    # Every (reference, aspect) has K-1 = 3 distinct instructions; every other one is a duplicate:
+    # the unit's last repeats its first (caught before its response), and later rounds repeat round 0.
+    units = report["units"]["committed"]
+    delivered = [r for table in _dataset(storage) for r in table.to_pylist()]
+    assert report["delivered"] == len(delivered) == 3 * 2 * 3
+    assert report["deduplicated"]["in_unit"] == units
+    assert report["deduplicated"]["across_units"] == units * 3 - 18
+    assert report["deduplicated"]["near_duplicate_rate"] == round((units * 4 - 18) / (units * 4), 4)
+    dedup_rejects = [r for r in rows(storage, "rejects") if r["stage"] == "dedup"]
+    assert len(dedup_rejects) == report["deduplicated"]["total"]
+    assert all(r["lost_samples"] == 1 and "near-duplicate" in r["reason"] for r in dedup_rejects)
+    assert not {(r["unit_id"], r["sample_index"]) for r in dedup_rejects} & {
+        (r["unit_id"], r["sample_index"]) for r in delivered}
+    assert report["all_planned_samples_accounted"]
+    for a, b in itertools.combinations([r["instruction"] for r in delivered], 2):
+        assert jaccard(a, b, 3) < 0.7
+    assert report["quality"]["sampled_rows"] == 18 and 0 < report["quality"]["distinct_2"] <= 1
+
+    # A resume reuses the dedup commit and counts the same.
+    token = next(iter(CommitLog(storage).commits["dedup"].values())).token
+    again = run(config)
+    assert again["deduplicated"] == report["deduplicated"] and again["delivered"] == 18
+    assert next(iter(CommitLog(storage).commits["dedup"].values())).token == token
+
+
+def _sample(instruction: str, unit: str, index: int) -> Sample:
+    return Sample(instruction=instruction, response="r", analysis={"original_strengths": [], "improvement_opportunities": [],
+                  "relevant_feedback": []}, implementation_strategy={"planned_changes": [], "rationale": ""},
+                  improved_response="r2", unit_id=unit, reference_id="ref", aspect="subject_areas", round=0,
+                  sample_index=index, model="m", prompt_tokens=1, completion_tokens=1)
+
+
+def _all_samples(storage: Storage, log: CommitLog) -> list[dict]:
+    return [row for name in log.files("data") for row in storage.read_table(name).to_pylist()]
+
+
+def _dataset(storage: Storage):
+    for name in storage.list("dataset"):
+        if name.endswith(".parquet"):
+            yield pq.read_table(storage.path(name))
