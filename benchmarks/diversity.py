@@ -46,12 +46,13 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=1_000_000)
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--model", help="teacher folder or hub id (default: the embedded one)")
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     if not args.skip_engine:
-        engine_part(args.rounds)
+        engine_part(args.rounds, args.model)
     if not args.skip_synthetic:
         synthetic_part(args.synthetic)
 
@@ -59,7 +60,7 @@ def main() -> None:
 # ---- part 1: the real teacher ----------------------------------------------------------------
 
 
-def engine_part(rounds: int) -> None:
+def engine_part(rounds: int, model: str | None) -> None:
     from refed_ray.config import RunConfig
     from refed_ray.engines.base import create_engine
     from refed_ray.feedback import collect_feedback
@@ -69,7 +70,7 @@ def engine_part(rounds: int) -> None:
     from refed_ray.structured import derive_seed
 
     config = RunConfig.model_validate(yaml.safe_load((ROOT / "jobs/demo.yaml").read_text()))
-    config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": "cpu"})})
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": "cpu", "model": model})})
     reference = read_seeds(None, 0).references[0]
     started = time.time()
     engine = create_engine(config.engine)
@@ -93,18 +94,21 @@ def engine_part(rounds: int) -> None:
     feedback, designs = asyncio.run(both_designs())
     threshold, ngram = config.dedup.threshold, config.dedup.ngram
     print(f"\nnear-duplicates at Jaccard >= {threshold:g} (word {ngram}-grams):")
-    print(f"{'design':<18}{'replies ok':>11}{'instructions':>14}{'near-dup rate':>15}{'after dedup':>13}"
-          f"{'pairs >= t left':>17}{'seconds':>9}")
+    print(f"{'design':<18}{'replies ok':>11}{'instructions':>14}{'near-dup rate':>15}{'of reference':>14}"
+          f"{'after dedup':>13}{'pairs >= t left':>17}{'seconds':>9}")
     rates = {}
     for name, (units, answers, seconds) in designs.items():
         instructions = [(u, i, text) for u, a in zip(units, answers) if a.value is not None
                         for i, text in enumerate(a.value.instructions)]
         texts = [text for _, _, text in instructions]
         rates[name] = near_duplicate_rate(texts, feedback.instruction, ngram, threshold)
+        echoes = sum(jaccard(t, feedback.instruction, ngram) >= threshold for t in texts) / max(1, len(texts))
         kept = after_dedup(instructions, feedback.instruction, config)
         left = sum(1 for a, b in itertools.combinations(kept, 2) if jaccard(a, b, ngram) >= threshold)
         print(f"{name:<18}{sum(a.value is not None for a in answers):>7}/{len(answers):<3}{len(texts):>14}"
-              f"{rates[name]:>15.1%}{len(kept):>13}{left:>17}{seconds:>9.0f}")
+              f"{rates[name]:>15.1%}{echoes:>14.1%}{len(kept):>13}{left:>17}{seconds:>9.0f}")
+        for text in texts[:: max(1, len(texts) // 6)][:6]:
+            print(f"    e.g. {text[:150]!r}")
     before, after = rates["same prompt"], rates["seeded variation"]
     print(f"seeded variation / same prompt: {after / before:.2f}x the near-duplicate rate" if before else
           "the same-prompt design wrote no near-duplicates in this sample")

@@ -190,6 +190,9 @@ class WorkersConfig(_Section):
     """How the plan is spread over engine actors, and how they survive spot clusters."""
 
     num_engines: int = Field(1, ge=1, description="engine actors (each holds one engine)")
+    feedback_references_per_engine: int = Field(
+        1000, ge=1, description="the feedback pass (two calls a reference) starts one engine per this many references"
+    )
     units_per_shard: int = Field(
         64, ge=1, description="work units per shard: the unit of commit, and of work redone when an actor dies"
     )

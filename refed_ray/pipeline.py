@@ -156,8 +156,10 @@ def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, r
         for shard in shards
     ]
     log.info("collecting feedback on %d references in %d shards (%d already done)", len(todo), len(blocks), len(done))
+    # A few calls a reference: a pool sized to that work, not to synthesis, so most engines load once.
+    engines = min(len(blocks), math.ceil(len(todo) / config.workers.feedback_references_per_engine))
     dataset = ray.data.from_arrow(blocks).map_batches(
-        FeedbackWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, len(blocks))
+        FeedbackWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, engines)
     )
     _drain(dataset, committed, "feedback")
 
@@ -174,7 +176,7 @@ def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, e
     return _drain(dataset, committed, "synthesis")
 
 
-def _engine_map_args(config: RunConfig, shards: int) -> dict[str, Any]:
+def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
     workers = config.workers
     if config.engine.kind == "vllm":
@@ -187,7 +189,7 @@ def _engine_map_args(config: RunConfig, shards: int) -> dict[str, Any]:
         batch_size=None,  # the whole block, i.e. the whole shard, is one batch
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            size=min(workers.num_engines, shards),  # no engine loads for a pass with less work
+            size=min(workers.num_engines, engines),  # no engine loads for a pass with less work
             max_tasks_in_flight_per_actor=workers.shards_in_flight,
             max_concurrent_calls_per_actor=workers.shards_in_flight,  # async actor: shards overlap
         ),

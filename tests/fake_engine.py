@@ -17,6 +17,7 @@ reproducible. ``engine_kwargs`` inject faults:
   (a hung engine);
 - ``die_after_commits``: ``{"file": path, "count": n, "output": dir}``: the first call after n
   synthesis markers exist in ``dir`` deletes the file and kills the process;
+- ``calls_log``: a file each call appends "<pid> <schema title>" to (which process served what);
 - ``repeat_instructions``: every round of a (reference, aspect) gets the same K instructions of 30
   words but for the last word, drawn by the request's seed (near-duplicates across units, Jaccard
   of word 3-grams about 0.93, or 1 when the draws meet), and a unit's last instruction repeats its
@@ -49,6 +50,9 @@ class FakeEngine(Engine):
 
     async def complete(self, request: ChatRequest) -> Completion:
         prompt = request.messages[-1]["content"]
+        if "calls_log" in self.options:
+            with open(self.options["calls_log"], "a") as handle:
+                handle.write(f"{os.getpid()} {request.json_schema.get('title', '')}\n")
         self._maybe_die(prompt, request.json_schema.get("title", ""))
         if self._in_outage():
             raise EngineUnavailable("HTTP 503 service unavailable (injected outage)")

@@ -128,3 +128,17 @@ def test_rejects_are_topped_up_to_exactly_n(tmp_path):
     assert sum(pq.read_metadata(f).num_rows for f in dataset.glob("train-*.parquet")) == 60
     again = run(config)  # a resume of a delivered run plans nothing more
     assert again["plan"]["units"] == report["plan"]["units"] and again["delivered"] == 60
+
+
+def test_the_feedback_pass_starts_engines_for_its_work_not_for_synthesis(tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(6))
+    calls = tmp_path / "calls.log"
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"calls_log": str(calls)}}
+    report = run(make_config(tmp_path, seeds, num_samples=36, engine=engine,
+                             workers={"num_engines": 2, "units_per_shard": 2, "feedback_references_per_engine": 100}))
+    served: dict[str, set[str]] = {}
+    for line in calls.read_text().splitlines():
+        pid, title = line.split()
+        served.setdefault("feedback" if title.endswith("Analysis") else "synthesis", set()).add(pid)
+    assert report["samples"] == 36
+    assert len(served["feedback"]) == 1  # 6 references in 3 shards: one engine
