@@ -66,9 +66,16 @@ def deduplicate(storage: Storage, committed: CommitLog, config: DedupConfig) -> 
     return commit
 
 
-def dropped_keys(storage: Storage, commit: Commit | None) -> pa.Table:
-    """``(unit_id, sample_index)`` of the samples the dedup commit drops."""
+def accepted_samples(committed: CommitLog) -> int:
+    """Samples committed by synthesis and kept by dedup."""
+    return committed.stats("synthesis").samples - committed.stats("dedup").lost_samples
+
+
+def dropped_keys(storage: Storage, committed: CommitLog) -> pa.Table:
+    """``(unit_id, sample_index)`` of the samples the run's dedup commit drops (``deduplicate``
+    keeps one: the latest)."""
     schema = pa.schema([("unit_id", pa.string()), ("sample_index", pa.int64())])
+    commit = next(iter(committed.commits["dedup"].values()), None)
     if commit is None:
         return schema.empty_table()
     tables = [storage.read_table(f).select(schema.names) for f in commit.files if f.startswith("rejects/")]

@@ -36,9 +36,8 @@ def export(
     if not ray.is_initialized():
         ray.init()
     log = CommitLog(storage)
-    dedup = next(iter(log.commits["dedup"].values()), None)  # the run keeps one, the latest
     manifest = compact_dataset(storage, log, file_mb, max_rows=storage.read_json("run.json")["config"]["num_samples"],
-                               dropped=dropped_keys(storage, dedup))
+                               dropped=dropped_keys(storage, log))
     target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if fmt == 'refed-json' else 'jsonl'}"
     count = 0
     with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as out:

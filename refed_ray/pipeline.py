@@ -20,11 +20,13 @@ from refed_ray import commits
 from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dataset import compact_dataset
-from refed_ray.dedup import deduplicate, dropped_keys
+from refed_ray.dedup import accepted_samples, deduplicate, dropped_keys
 from refed_ray.engines.base import load_class
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.output import open_output, refuse_local_output_on_cluster
-from refed_ray.plan import pending_shards, read_plan, units_needed, write_plan
+from refed_ray.plan import (
+    pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
+)
 from refed_ray.quality import data_quality
 from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
@@ -65,10 +67,10 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     committed = CommitLog(storage)
     committed.remove_leftovers()
     _commit_seed_rejects(storage, committed, seeds)
+    reference_ids = [ref.reference_id for ref in seeds.references]
     plan = write_plan(
-        storage, [ref.reference_id for ref in seeds.references], config.num_samples,
-        config.instructions_per_aspect, config.seed, config.workers.units_per_shard,
-        keep_existing=bool(committed.commits["synthesis"]),
+        storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
+        config.workers.units_per_shard, keep_existing=bool(committed.commits["synthesis"]),
     )
     log.info("plan: %d units in %d shards over %d rounds, %d references",
              plan.units, plan.shards, plan.rounds, len(plan.references_used))
@@ -84,23 +86,25 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     }
     units_before = len(committed.ids("synthesis"))
     this_run = PassResult()
+    # Feedback on every reference the plan can reach with its top-up budget, in one pass: a few
+    # calls per reference cost less than loading the engines again for a top-up round's feedback.
+    reached = references_reached(reference_ids, config.seed, max(plan.units, _max_units(config)))
     while True:
-        used = set(plan.references_used)
-        _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in used])
+        _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
         feedback_ref = ray.put(_read_feedback(storage, committed))
         this_run += _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
-        dedup = deduplicate(storage, committed, config.dedup)
+        deduplicate(storage, committed, config.dedup)
         more = _top_up_units(committed, config, plan.units)
         if not more:
             break
         log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
-                 - _accepted(committed), config.num_samples, more)
+                 - accepted_samples(committed), config.num_samples, more)
         plan = write_plan(
-            storage, [ref.reference_id for ref in seeds.references], config.num_samples,
-            config.instructions_per_aspect, config.seed, config.workers.units_per_shard, units=plan.units + more,
+            storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
+            config.workers.units_per_shard, units=plan.units + more,
         )
     dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples,
-                              dropped=dropped_keys(storage, dedup))
+                              dropped=dropped_keys(storage, committed))
 
     quality = data_quality(storage, dataset["files"], seeds.references, config.dedup.ngram, config.seed)
     report = build_report(
@@ -112,25 +116,21 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
 
 
 def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:
-    """Units to add so that N samples are accepted despite rejects: sized by the yield so far, and
-    bounded by ``max_extra_units`` (a share of the ceil(N/K) units the run needs without rejects)."""
-    accepted = _accepted(committed)
+    """Units to add so that N samples are accepted despite rejects and duplicates."""
+    accepted = accepted_samples(committed)
     short = config.num_samples - accepted
+    budget = _max_units(config) - planned_units
+    if short > 0 and budget <= 0:
+        log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
+                    config.num_samples, config.max_extra_units)
+    return top_up_units(short, accepted, len(committed.ids("synthesis")), config.instructions_per_aspect, budget)
+
+
+def _max_units(config: RunConfig) -> int:
+    """The most units a run for N may plan: ceil(N/K) and its top-up budget (``max_extra_units``,
+    a share of the ceil(N/K) units the run needs without rejects)."""
     base = units_needed(config.num_samples, config.instructions_per_aspect)
-    budget = math.floor(base * config.max_extra_units) - (planned_units - base)
-    done = len(committed.ids("synthesis"))
-    if short <= 0 or budget <= 0 or accepted == 0:
-        if short > 0:
-            log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
-                        config.num_samples, config.max_extra_units)
-        return 0
-    per_unit = accepted / done
-    return min(budget, math.ceil(short / per_unit))
-
-
-def _accepted(committed: CommitLog) -> int:
-    """Samples committed by synthesis and kept by dedup."""
-    return committed.stats("synthesis").samples - committed.stats("dedup").lost_samples
+    return base + math.floor(base * config.max_extra_units)
 
 
 def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet) -> None:

@@ -78,6 +78,26 @@ def iter_units(reference_ids: list[str], num_samples: int, k: int, run_seed: int
     return itertools.islice(unit_order(reference_ids, run_seed), units_needed(num_samples, k))
 
 
+def top_up_units(short: int, accepted: int, units_done: int, k: int, budget: int) -> int:
+    """Units to add when ``short`` samples are missing, sized by the yield so far (``accepted``
+    samples from ``units_done`` units of K) and bounded by ``budget``.
+
+    Sized for the expected yield alone, a top-up would fall short about half the time, and each
+    further round loads engines again. A margin of two standard deviations of a binomial yield
+    makes a second round rare, for a few samples beyond N (data/ keeps them, dataset/ holds N)."""
+    if short <= 0 or budget <= 0 or accepted == 0:
+        return 0
+    kept = accepted / (units_done * k)
+    margin = 2 * math.sqrt(short * (1 - kept))
+    return min(budget, math.ceil((short + margin) * units_done / accepted))
+
+
+def references_reached(reference_ids: list[str], run_seed: int, units: int) -> set[str]:
+    """The references that the first ``units`` units of the order visit (round 0 visits them all)."""
+    first_round = len(ASPECTS) * len(reference_ids)
+    return {u.reference_id for u in itertools.islice(unit_order(reference_ids, run_seed), min(units, first_round))}
+
+
 def write_plan(
     storage: Storage, reference_ids: list[str], num_samples: int, k: int, run_seed: int, units_per_shard: int,
     keep_existing: bool = True, units: int | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from refed_ray.commits import CommitLog
+from refed_ray.dedup import accepted_samples
 from refed_ray.config import RunConfig
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
@@ -34,7 +35,7 @@ def build_report(
         merge(stages, stats.stages)
     synthesis = committed.commits["synthesis"].values()
     redone = [c for c in synthesis if c.attempt > 1]
-    samples = totals["synthesis"].samples - totals["dedup"].lost_samples  # accepted: kept by dedup
+    samples = accepted_samples(committed)
     lost = sum(t.lost_samples for t in totals.values())
     duplicates = {stage: sum(n for reason, n in t.reject_reasons.items() if reason.startswith("dedup:"))
                   for stage, t in (("in_unit", totals["synthesis"]), ("across_units", totals["dedup"]))}

@@ -68,7 +68,7 @@ def test_distributed_pass_finds_every_injected_duplicate_across_blocks_and_parti
     monkeypatch.setattr(dedup, "BAND_ROWS_PER_PARTITION", 10_000)  # 3,000 x 17 band rows: 5 partitions
     commit = dedup.deduplicate(storage, log, DedupConfig(rows_per_task=1000))
 
-    dropped = dedup.dropped_keys(storage, commit).to_pylist()
+    dropped = dedup.dropped_keys(storage, log).to_pylist()
     assert commit.stats.lost_samples == len(dropped) == 200
     position = {(s["unit_id"], s["sample_index"]): i for i, s in enumerate(_all_samples(storage, log))}
     assert {position[(d["unit_id"], d["sample_index"])] for d in dropped} == set(range(2_800, 3_000))

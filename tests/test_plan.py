@@ -1,4 +1,8 @@
-from refed_ray.plan import iter_units, make_unit, pending_shards, read_plan, units_needed, write_plan
+import numpy as np
+
+from refed_ray.plan import (
+    iter_units, make_unit, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
+)
 from refed_ray.storage import Storage
 
 REFS = [f"ref-{i}" for i in range(5)]
@@ -59,3 +63,28 @@ def test_pending_shards_are_one_small_table_each(tmp_path):
     done = {shards[0].column("shard")[0].as_py(), shards[3].column("shard")[0].as_py()}
     assert len(pending_shards(plan, done)) == 5
     assert shards[0].nbytes < plan.nbytes  # a copy, not a slice carrying the whole plan
+
+
+def test_references_reached_are_those_the_first_units_visit():
+    refs = [f"ref-{i}" for i in range(50)]
+    for units in (1, 7, 60, 100, 250):
+        expected = {u.reference_id for u in iter_units(refs, num_samples=units * 3, k=3, run_seed=4)}
+        assert references_reached(refs, 4, units) == expected
+    assert len(references_reached(refs, 4, 7)) == 4 and len(references_reached(refs, 4, 250)) == 50
+
+
+def test_a_top_up_round_rarely_falls_short():
+    """Sized with a margin over the yield so far, one top-up round delivers what is missing in
+    nearly every draw of the same yield; sized for the mean alone it would fail about half the time."""
+    k, done, accepted = 10, 100, 800  # a yield of 0.8 per sample
+    short = 200
+    units = top_up_units(short, accepted, done, k, budget=1_000)
+    assert units == 27  # 25 for the mean, 2 more for the margin
+    draws = np.random.default_rng(0).binomial(units * k, accepted / (done * k), size=10_000)
+    assert (draws < short).mean() < 0.03
+    mean_only = np.random.default_rng(0).binomial(25 * k, 0.8, size=10_000)
+    assert (mean_only < short).mean() > 0.4
+    # Bounded by the budget, and nothing when nothing is short, the budget is spent or nothing was kept.
+    assert top_up_units(short, accepted, done, k, budget=5) == 5
+    assert top_up_units(0, accepted, done, k, 100) == top_up_units(short, accepted, done, k, 0) == 0
+    assert top_up_units(short, 0, done, k, 100) == 0
