@@ -89,10 +89,10 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     # Feedback on every reference the plan can reach with its top-up budget, in one pass: a few
     # calls per reference cost less than loading the engines again for a top-up round's feedback.
     reached = references_reached(reference_ids, config.seed, max(plan.units, _max_units(config)))
+    _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
+    synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))]}
     while True:
-        _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
-        feedback_ref = ray.put(_read_feedback(storage, committed))
-        this_run += _synthesis_pass(storage, committed, config, {**engine_args, "feedback": [feedback_ref]})
+        this_run += _synthesis_pass(storage, committed, config, synthesis_args)
         deduplicate(storage, committed, config.dedup)
         more = _top_up_units(committed, config, plan.units)
         if not more:

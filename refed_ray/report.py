@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from refed_ray.commits import CommitLog
-from refed_ray.dedup import accepted_samples
 from refed_ray.config import RunConfig
+from refed_ray.dedup import accepted_samples
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
 from refed_ray.stats import StageStats, empty_stats, merge
