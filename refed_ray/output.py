@@ -23,20 +23,31 @@ KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "datase
          "_markers", "_attempts", "_index")
 
 
-def open_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
-    """Start or resume OUTPUT: True when resuming an earlier, compatible run."""
-    fingerprint = config.fingerprint(prompts_digest(), seeds.digest())
+def check_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
+    """Whether OUTPUT may be used, read-only and before Ray starts: True when it holds a
+    compatible earlier run to resume (``force_new`` discards it, so nothing is resumed)."""
     if force_new:
-        clear(storage)
-    resumed = storage.exists(RUN_FILE)
-    if resumed:
-        check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
-    elif not storage.is_empty():
+        return False
+    if storage.exists(RUN_FILE):
+        check_resume(storage, storage.read_json(RUN_FILE), _fingerprint(config, seeds), config.num_samples)
+        return True
+    if not storage.is_empty():
         raise UserError(
             f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): choose a new or empty --output"
         )
-    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
-    return resumed
+    return False
+
+
+def start_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> None:
+    """Claim OUTPUT for this run (after ``check_output``): discard an earlier run if asked, and
+    record this run's fingerprint for the next resume to check."""
+    if force_new:
+        clear(storage)
+    storage.write_json(RUN_FILE, {"fingerprint": _fingerprint(config, seeds), "config": config.public_dump()})
+
+
+def _fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:
+    return config.fingerprint(prompts_digest(), seeds.digest())
 
 
 def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,10 @@ FAKE_ENGINE = {"kind": "custom", "class_path": "tests.fake_engine:FakeEngine"}
 # Ray workers must import tests.fake_engine: they inherit PYTHONPATH from the driver.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(ROOT))
+# Every ray.init here and in the CLIs the tests start makes its own local cluster. Without this,
+# ray.init() joins the cluster named in /tmp/ray/ray_current_cluster, which a `ray start` left
+# on this machine may still name after its head died (a hang, then "num_cpus must not be provided").
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +28,20 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def run_cli(*args: str, timeout: float, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``python -m refed_ray.cli ARGS``. On a timeout its whole process group is killed, so a
+    local Ray cluster it started does not outlive it and disturb later tests."""
+    with subprocess.Popen([sys.executable, "-m", "refed_ray.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def free_port() -> int:

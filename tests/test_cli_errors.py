@@ -3,20 +3,20 @@
 Each of these fails before Ray starts or any model loads."""
 
 import subprocess
-import sys
 
-from tests.conftest import ROOT, pairs, write_jsonl
+from tests.conftest import ROOT, pairs, run_cli, write_jsonl
 
 
 def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "refed_ray.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    return run_cli(*args, timeout=120, cwd=cwd)
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
+    # Refused before Ray started a cluster or joined one (Ray logs either).
+    assert "Started a local Ray instance" not in done.stderr
+    assert "Connecting to existing Ray cluster" not in done.stderr
     for fragment in fragments:
         assert fragment in done.stderr, done.stderr
 

@@ -23,10 +23,16 @@ RAY = str(Path(sys.executable).parent / "ray")
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def ray_env() -> dict[str, str]:
+    """The tests' environment for the head and the job client: addresses are passed explicitly,
+    so conftest's RAY_ADDRESS=local (for in-process clusters) is left out."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **AUTH}
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, **AUTH}
+    env = ray_env()
     subprocess.run(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -45,7 +51,7 @@ def head(tmp_path_factory):
 
 def job(address: str, command: str, *args: str, check=True) -> subprocess.CompletedProcess:
     done = subprocess.run([RAY, "job", command, "--address", address, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **AUTH})
+                          timeout=900, env=ray_env())
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -12,7 +12,7 @@ import yaml
 from refed_ray.commits import CommitLog
 from refed_ray.records import Feedback, RefedRow, Reject, Sample
 from refed_ray.storage import Storage
-from tests.conftest import ROOT, committed_tables, write_jsonl
+from tests.conftest import ROOT, committed_tables, run_cli, write_jsonl
 
 pytestmark = pytest.mark.engine
 
@@ -33,9 +33,7 @@ TINY_RUN = {
 
 
 def refed_ray(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "refed_ray.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
-    )
+    return run_cli(*args, timeout=1200)
 
 
 def test_real_engine_runs_the_whole_method(tmp_path):
@@ -91,7 +89,7 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     command = [sys.executable, "-m", "refed_ray.cli", "run", "--config", str(config), "--seeds", str(seeds),
                "--output", str(out)]
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     markers = out / "_markers" / "synthesis"
     deadline = time.time() + 900
     while time.time() < deadline and driver.poll() is None and not (markers.exists() and any(markers.iterdir())):
@@ -99,6 +97,10 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     assert driver.poll() is None, "the run ended before the kill: " + (tmp_path / "first.log").read_text()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
+    try:  # what the dead driver's local Ray cluster left running would only slow the resume down
+        os.killpg(driver.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
     storage = Storage(str(out))
     assert len(CommitLog(storage).commits["synthesis"]) == 1  # killed with one of two units committed
