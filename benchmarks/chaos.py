@@ -1,8 +1,9 @@
-"""Spot-instance chaos: a 100K-sample run whose engine actors are killed at random, and whose
-driver is killed once and resubmitted. Checks that nothing is lost, nothing is doubled, and that
-every actor death cost at most the shards it had in flight.
+"""Spot-instance chaos: a 100K-sample run whose engine actors are SIGKILLed (a random one each
+time, at evenly spaced points of the run's progress), and whose driver is killed once, halfway,
+and resubmitted. Checks that nothing is lost, nothing is doubled, and that every actor death cost
+at most the shards it had in flight.
 
-    python benchmarks/chaos.py                 # 100K samples, >= 10 actor kills, 1 driver kill
+    python benchmarks/chaos.py                 # 100K samples, 10 actor kills, 1 driver kill
     python benchmarks/chaos.py --samples 20000 --kills 4
 
 The teacher is the zero-cost one (tests/fake_engine.py, ZeroCostEngine) with a small delay per
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -29,6 +31,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from benchmarks.scale import start_ray, write_seeds  # noqa: E402
 
 ACTOR_TITLE = b"ray::MapWorker(MapBatches(SynthesisWorker))"
+K, UNITS_PER_SHARD = 10, 64
 
 
 def driver(config_json: str) -> None:
@@ -52,6 +55,12 @@ def engine_actor_pids() -> list[int]:
     return pids
 
 
+def data_files(output: Path) -> int:
+    """Shards written so far (one data file each): the run's progress, across driver runs."""
+    folder = output / "data"
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
 def synthesis_markers(output: Path) -> int:
     folder = output / "_markers" / "synthesis"
     return len(list(folder.iterdir())) if folder.is_dir() else 0
@@ -68,7 +77,6 @@ def main() -> int:
     parser.add_argument("--references", type=int, default=1000)
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--kills", type=int, default=10, help="engine actor kills")
-    parser.add_argument("--every", type=float, default=12.0, help="mean seconds between kills")
     parser.add_argument("--delay", type=float, default=0.002, help="seconds per teacher call")
     parser.add_argument("--workdir", default="/tmp/refed-chaos")
     parser.add_argument("--seed", type=int, default=1)
@@ -87,40 +95,43 @@ def main() -> int:
     shards_in_flight = 2
     config = {
         "seeds": str(work / "seeds.jsonl"), "output": str(output), "num_samples": args.samples,
-        "instructions_per_aspect": 10,
+        "instructions_per_aspect": K,
         "engine": {"kind": "custom", "class_path": "tests.fake_engine:ZeroCostEngine",
                    "engine_kwargs": {"delay": args.delay}},
         # The zero-cost teacher sends one reply for every unit: dedup would drop all but the
         # first unit's. benchmarks/diversity.py measures the dedup pass.
         "dedup": {"enabled": False},
-        "workers": {"num_engines": args.engines, "units_per_shard": 64, "shards_in_flight": shards_in_flight},
+        "workers": {"num_engines": args.engines, "units_per_shard": UNITS_PER_SHARD, "shards_in_flight": shards_in_flight},
     }
     started = time.time()
     kills, driver_kills, runs = 0, 0, 1
+    # Kills are paced by progress, not by the clock, so they land inside the run however fast
+    # this machine is: evenly between 5% and 85% of the shards, the driver's at the middle.
+    shards = math.ceil(math.ceil(args.samples / K) / UNITS_PER_SHARD)
+    kill_at = [int(shards * (0.05 + 0.8 * i / max(args.kills, 1))) for i in range(args.kills)]
+    driver_kill_at = shards // 2
     proc = start_driver(config, log)
     while proc.poll() is None:
-        if kills >= args.kills and driver_kills:
-            time.sleep(1)  # enough chaos: let the run finish
-            continue
-        time.sleep(rng.expovariate(1 / args.every))
-        pids = engine_actor_pids()
-        if proc.poll() is not None or not pids:
-            continue
-        markers = synthesis_markers(output)
-        if driver_kills == 0 and kills >= args.kills // 2 and markers > 0:
+        time.sleep(0.2)
+        done, pids = data_files(output), engine_actor_pids()
+        if not pids:
+            continue  # actors starting or restarting: wait for one to kill
+        if driver_kills == 0 and done >= driver_kill_at:
+            markers = synthesis_markers(output)
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
             proc.wait()
             driver_kills += 1
             time.sleep(2)
             for pid in engine_actor_pids():  # what the lost cluster left behind
                 os.kill(pid, signal.SIGKILL)
-            print(f"  {time.time() - started:6.0f} s: driver killed ({markers} shard markers since the last index); resubmitting")
+            print(f"  {time.time() - started:6.0f} s: driver killed at {done} of {shards} shards "
+                  f"({markers} shard markers since the last index); resubmitting")
             proc, runs = start_driver(config, log), runs + 1
-            continue
-        victim = rng.choice(pids)
-        os.kill(victim, signal.SIGKILL)
-        kills += 1
-        print(f"  {time.time() - started:6.0f} s: engine actor {victim} killed ({kills})")
+        elif kills < len(kill_at) and done >= kill_at[kills]:
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            kills += 1
+            print(f"  {time.time() - started:6.0f} s: engine actor {victim} killed at {done} of {shards} shards ({kills})")
     if proc.returncode:
         print(log.read_text()[-3000:])
         raise SystemExit(f"the last driver failed with {proc.returncode}")
@@ -148,8 +159,8 @@ def check(output: Path, args, kills: int, driver_kills: int, runs: int, shards_i
             if row["unit_id"] and row["sample_index"] >= 0:
                 lost[(row["unit_id"], row["sample_index"])] += 1
             elif row["unit_id"]:
-                lost.update((row["unit_id"], i) for i in range(10))
-    planned = {(u, i) for u in read_plan(storage).column("unit_id").to_pylist() for i in range(10)}
+                lost.update((row["unit_id"], i) for i in range(K))
+    planned = {(u, i) for u in read_plan(storage).column("unit_id").to_pylist() for i in range(K)}
     covered = seen + lost
     duplicates = sum(count - 1 for count in covered.values() if count > 1)
     missing = len(planned - set(covered))

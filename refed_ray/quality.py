@@ -1,7 +1,7 @@
 """Numbers on the data: diversity and lengths of the delivered samples, next to the references'.
 
-Computed on an evenly spread sample of the compacted dataset (``SAMPLE_ROWS`` rows at most, whole
-dataset files read until it is reached), so the cost is flat in N. "Tokens" here are words and
+Computed on an evenly spread sample of the compacted dataset (``SAMPLE_ROWS`` rows at most, from
+``SAMPLE_GROUPS`` row groups at most), so its cost and memory are flat in N. "Tokens" here are words and
 punctuation marks (``\\w+|[^\\w\\s]``), a tokenizer-free stand-in that runs anywhere; model tokens
 run about 1.3 per such token for English.
 """
@@ -19,6 +19,8 @@ from refed_ray.similarity import jaccard, words
 from refed_ray.storage import Storage
 
 SAMPLE_ROWS = 20_000
+SAMPLE_GROUPS = 20  # row groups the sample is drawn from, spread over the dataset
+SAMPLE_COLUMNS = ["instruction", "response", "improved_response"]
 SIMILARITY_PAIRS = 2_000
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -45,17 +47,31 @@ def data_quality(storage: Storage, dataset_files: list[str], references: list[Re
 
 
 def _sample(storage: Storage, files: list[str]) -> list[dict[str, str]]:
-    columns = ["instruction", "response", "improved_response"]
-    if not files:
-        return []
-    first = storage.read_table(files[0], columns=columns)
-    per_file = max(1, first.num_rows)
-    wanted = min(len(files), max(1, -(-SAMPLE_ROWS // per_file)))
-    picked = sorted({round(i * (len(files) - 1) / max(1, wanted - 1)) for i in range(wanted)})
-    tables = [first if i == 0 else storage.read_table(files[i], columns=columns) for i in picked]
-    rows = [row for table in tables for row in table.to_pylist()]
-    step = max(1, len(rows) // SAMPLE_ROWS)
-    return rows[::step][:SAMPLE_ROWS]
+    """About ``SAMPLE_ROWS`` rows spread over the dataset: from up to ``SAMPLE_GROUPS`` row groups
+    spaced evenly across its files, evenly spaced rows of each. Memory holds one row group (see
+    ``dataset.ROWS_PER_GROUP``) at a time, and only the picked rows become Python objects: a
+    dataset file whole would take gigabytes as dicts."""
+    picked_files = _evenly([*range(len(files))], SAMPLE_GROUPS)
+    groups_per_file = -(-SAMPLE_GROUPS // max(1, len(picked_files)))
+    picked: list[tuple[str, list[int]]] = []
+    for i in picked_files:
+        with storage.parquet_file(files[i]) as parquet:
+            picked.append((files[i], _evenly([*range(parquet.num_row_groups)], groups_per_file)))
+    rows_per_group = -(-SAMPLE_ROWS // max(1, sum(len(groups) for _, groups in picked)))
+    rows: list[dict[str, str]] = []
+    for name, groups in picked:
+        with storage.parquet_file(name) as parquet:
+            for group in groups:
+                table = parquet.read_row_group(group, columns=SAMPLE_COLUMNS)
+                rows += table.take(_evenly([*range(table.num_rows)], rows_per_group)).to_pylist()
+    return rows[:SAMPLE_ROWS]
+
+
+def _evenly(items: list[int], count: int) -> list[int]:
+    """``count`` items spread evenly from first to last (all of them when there are fewer)."""
+    if len(items) <= count:
+        return items
+    return sorted({items[round(i * (len(items) - 1) / max(1, count - 1))] for i in range(count)})
 
 
 def _distinct(texts: list[str], n: int) -> float:

@@ -11,7 +11,8 @@ import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -89,6 +90,13 @@ class Storage:
 
     def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(relative)), columns=columns)
+
+    @contextmanager
+    def parquet_file(self, relative: str) -> Iterator[pq.ParquetFile]:
+        """A Parquet file to read in parts (its footer, then row groups: ranged reads on object
+        stores), where reading it whole would not fit the reader's memory."""
+        with self.fs.open(self.path(relative), "rb") as handle:
+            yield pq.ParquetFile(handle)
 
     # ---- listings and deletes --------------------------------------------------------------
 
