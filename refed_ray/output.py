@@ -25,12 +25,12 @@ KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "datase
 
 def check_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
     """Whether OUTPUT may be used, read-only and before Ray starts: True when it holds a
-    compatible earlier run to resume (``force_new`` discards it, so nothing is resumed)."""
-    if force_new:
-        return False
+    compatible earlier run to resume. ``force_new`` discards an earlier run, never a folder
+    that holds something else."""
     if storage.exists(RUN_FILE):
-        check_resume(storage, storage.read_json(RUN_FILE), _fingerprint(config, seeds), config.num_samples)
-        return True
+        if not force_new:
+            check_resume(storage, storage.read_json(RUN_FILE), _fingerprint(config, seeds), config.num_samples)
+        return not force_new
     if not storage.is_empty():
         raise UserError(
             f"{storage.uri} is not empty and holds no refed-ray run ({RUN_FILE}): choose a new or empty --output"

@@ -56,8 +56,12 @@ def test_unwritable_output_fails_fast(tmp_path):
 
 def test_output_that_holds_something_else_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    assert_user_error(cli("run", "--output", str(tmp_path)), "is not empty and holds no refed-ray run (run.json)")
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "data").mkdir()  # a name refed-ray uses for its own folder
+    (tmp_path / "data" / "mine.parquet").write_text("mine")
+    for force in ([], ["--force-new"]):
+        assert_user_error(cli("run", "--output", str(tmp_path), *force),
+                          "is not empty and holds no refed-ray run (run.json)")
+        assert (tmp_path / "notes.txt").read_text() == (tmp_path / "data" / "mine.parquet").read_text() == "mine"
     assert_user_error(cli("run", "--output", "nosuchproto://bucket/out"), "cannot open output nosuchproto://bucket/out")
 
 
