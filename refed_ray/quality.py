@@ -51,27 +51,29 @@ def _sample(storage: Storage, files: list[str]) -> list[dict[str, str]]:
     spaced evenly across its files, evenly spaced rows of each. Memory holds one row group (see
     ``dataset.ROWS_PER_GROUP``) at a time, and only the picked rows become Python objects: a
     dataset file whole would take gigabytes as dicts."""
-    picked_files = _evenly([*range(len(files))], SAMPLE_GROUPS)
+    picked_files = [files[i] for i in _spread(len(files), SAMPLE_GROUPS)]
     groups_per_file = -(-SAMPLE_GROUPS // max(1, len(picked_files)))
+    # Footers first, to share the rows among the groups; then one open file at a time (an
+    # object store's file handle keeps a read-ahead buffer until it closes).
     picked: list[tuple[str, list[int]]] = []
-    for i in picked_files:
-        with storage.parquet_file(files[i]) as parquet:
-            picked.append((files[i], _evenly([*range(parquet.num_row_groups)], groups_per_file)))
+    for name in picked_files:
+        with storage.parquet_file(name) as parquet:
+            picked.append((name, _spread(parquet.num_row_groups, groups_per_file)))
     rows_per_group = -(-SAMPLE_ROWS // max(1, sum(len(groups) for _, groups in picked)))
     rows: list[dict[str, str]] = []
     for name, groups in picked:
         with storage.parquet_file(name) as parquet:
             for group in groups:
                 table = parquet.read_row_group(group, columns=SAMPLE_COLUMNS)
-                rows += table.take(_evenly([*range(table.num_rows)], rows_per_group)).to_pylist()
+                rows += table.take(_spread(table.num_rows, rows_per_group)).to_pylist()
     return rows[:SAMPLE_ROWS]
 
 
-def _evenly(items: list[int], count: int) -> list[int]:
-    """``count`` items spread evenly from first to last (all of them when there are fewer)."""
-    if len(items) <= count:
-        return items
-    return sorted({items[round(i * (len(items) - 1) / max(1, count - 1))] for i in range(count)})
+def _spread(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` spread evenly from first to last (all when fewer)."""
+    if total <= count:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
 
 
 def _distinct(texts: list[str], n: int) -> float:
