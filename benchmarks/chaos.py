@@ -55,14 +55,7 @@ def engine_actor_pids() -> list[int]:
     return pids
 
 
-def data_files(output: Path) -> int:
-    """Shards written so far (one data file each): the run's progress, across driver runs."""
-    folder = output / "data"
-    return len(list(folder.iterdir())) if folder.is_dir() else 0
-
-
-def synthesis_markers(output: Path) -> int:
-    folder = output / "_markers" / "synthesis"
+def files_in(folder: Path) -> int:
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
@@ -113,11 +106,12 @@ def main() -> int:
     proc = start_driver(config, log)
     while proc.poll() is None:
         time.sleep(0.2)
-        done, pids = data_files(output), engine_actor_pids()
+        # Shards written so far (one data file each): the run's progress, across driver runs.
+        done, pids = files_in(output / "data"), engine_actor_pids()
         if not pids:
             continue  # actors starting or restarting: wait for one to kill
         if driver_kills == 0 and done >= driver_kill_at:
-            markers = synthesis_markers(output)
+            markers = files_in(output / "_markers" / "synthesis")
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
             proc.wait()
             driver_kills += 1

@@ -23,13 +23,19 @@ KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "datase
          "_markers", "_attempts", "_index")
 
 
-def check_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> bool:
+def run_fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:
+    """What a resume must share with the run that wrote OUTPUT (computed once per run: it hashes
+    every reference)."""
+    return config.fingerprint(prompts_digest(), seeds.digest())
+
+
+def check_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str], force_new: bool) -> bool:
     """Whether OUTPUT may be used, read-only and before Ray starts: True when it holds a
     compatible earlier run to resume. ``force_new`` discards an earlier run, never a folder
     that holds something else."""
     if storage.exists(RUN_FILE):
         if not force_new:
-            check_resume(storage, storage.read_json(RUN_FILE), _fingerprint(config, seeds), config.num_samples)
+            check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
         return not force_new
     if not storage.is_empty():
         raise UserError(
@@ -38,16 +44,12 @@ def check_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new:
     return False
 
 
-def start_output(storage: Storage, config: RunConfig, seeds: SeedSet, force_new: bool) -> None:
+def start_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str], force_new: bool) -> None:
     """Claim OUTPUT for this run (after ``check_output``): discard an earlier run if asked, and
     record this run's fingerprint for the next resume to check."""
     if force_new:
         clear(storage)
-    storage.write_json(RUN_FILE, {"fingerprint": _fingerprint(config, seeds), "config": config.public_dump()})
-
-
-def _fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:
-    return config.fingerprint(prompts_digest(), seeds.digest())
+    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
 
 
 def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:

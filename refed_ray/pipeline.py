@@ -23,7 +23,7 @@ from refed_ray.dataset import compact_dataset
 from refed_ray.dedup import accepted_samples, deduplicate, dropped_keys
 from refed_ray.engines.base import load_class
 from refed_ray.errors import RunStopped, UserError
-from refed_ray.output import check_output, refuse_local_output_on_cluster, start_output
+from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.plan import (
     pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )
@@ -60,10 +60,11 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     _check_engine(config)
     secrets = _engine_secrets(config)
     seeds = read_seeds(config.seeds, config.max_bad_seeds, config.seeds_options())
-    resumed = check_output(storage, config, seeds, force_new)
+    fingerprint = run_fingerprint(config, seeds)
+    resumed = check_output(storage, config, fingerprint, force_new)
     _connect_ray()
     refuse_local_output_on_cluster(storage, config)
-    start_output(storage, config, seeds, force_new)
+    start_output(storage, config, fingerprint, force_new)
 
     committed = CommitLog(storage)
     committed.remove_leftovers()
