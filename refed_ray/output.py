@@ -5,9 +5,17 @@
 - A resume must share the fingerprint (model, engine, prompts, references, sampling, plan
   settings) of the run that wrote OUTPUT, and may grow the plan, not shrink it.
 - A local OUTPUT on a multi-node cluster is refused: each node would write to its own disk.
+- ``run.json`` names the run that owns OUTPUT (``run_id``): drawn when a run creates OUTPUT, kept
+  by its resumes; commits of any other run are ignored (``commits.py``).
+- ``--force-new`` is crash-safe: it first marks ``run.json`` as discarding, then deletes every
+  other folder, and only the new run's ``run.json`` ends the discard. Killed at any point, OUTPUT
+  still holds a ``run.json``: the same command finishes the discard, and a plain rerun (or an
+  export) is refused with that advice instead of resuming a half-deleted run.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import ray
 
@@ -18,9 +26,10 @@ from refed_ray.prompts import prompts_digest
 from refed_ray.seeds import SeedSet
 from refed_ray.storage import Storage
 
-RUN_FILE = "run.json"
-KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "dataset", "export",
-         "_markers", "_attempts", "_index")
+RUN_FILE = commits.RUN_FILE
+# Commit records first: a discard killed midway leaves no commit naming deleted files.
+KNOWN = (RUN_FILE, "_index", "_markers", "_attempts", "report.json", "dataset", "export", "plan",
+         "feedback", "data", "rejects")
 
 
 def run_fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:
@@ -35,7 +44,9 @@ def check_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str
     that holds something else."""
     if storage.exists(RUN_FILE):
         if not force_new:
-            check_resume(storage, storage.read_json(RUN_FILE), fingerprint, config.num_samples)
+            previous = storage.read_json(RUN_FILE)
+            commits.run_id_of(storage.uri, previous)  # refuses a half-done discard
+            check_resume(storage, previous, fingerprint, config.num_samples)
         return not force_new
     if not storage.is_empty():
         raise UserError(
@@ -44,12 +55,20 @@ def check_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str
     return False
 
 
-def start_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str], force_new: bool) -> None:
+def start_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str], force_new: bool) -> str:
     """Claim OUTPUT for this run (after ``check_output``): discard an earlier run if asked, and
-    record this run's fingerprint for the next resume to check."""
-    if force_new:
-        clear(storage)
-    storage.write_json(RUN_FILE, {"fingerprint": fingerprint, "config": config.public_dump()})
+    record this run's fingerprint for the next resume to check. Returns the run's id: the earlier
+    run's on a resume, a new one otherwise."""
+    previous = storage.read_json(RUN_FILE) if storage.exists(RUN_FILE) else None
+    if force_new and previous is not None:
+        discard(storage, previous)
+        previous = None
+    # Outputs written before runs had ids keep none (""): their commits carry none either.
+    run_id = previous.get("run_id", "") if previous else uuid.uuid4().hex[:16]
+    # One atomic write: on a --force-new, it also ends the discard.
+    storage.write_json(RUN_FILE, {"run_id": run_id, "fingerprint": fingerprint,
+                                  "config": config.public_dump()})
+    return run_id
 
 
 def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, str], num_samples: int) -> None:
@@ -72,9 +91,12 @@ def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, st
         )
 
 
-def clear(storage: Storage) -> None:
+def discard(storage: Storage, previous_run: dict) -> None:
+    """Delete an earlier run's folders, run.json last (the caller overwrites it): marked first, so a
+    kill at any point leaves a run.json that says a discard is under way."""
+    storage.write_json(RUN_FILE, {**previous_run, commits.DISCARDING: True})
     for name in KNOWN:
-        if storage.exists(name):
+        if name != RUN_FILE and storage.exists(name):
             storage.delete(name)
 
 

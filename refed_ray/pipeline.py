@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     resumed = check_output(storage, config, fingerprint, force_new)
     _connect_ray()
     refuse_local_output_on_cluster(storage, config)
-    start_output(storage, config, fingerprint, force_new)
+    run_id = start_output(storage, config, fingerprint, force_new)
 
     committed = CommitLog(storage)
     committed.remove_leftovers()
@@ -84,6 +85,9 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     engine_args = {
         "config_json": worker_config.model_dump_json(),
         "secrets": [ray.put(secrets)],
+        # Commits carry the run's id; engine deaths count per driver process ("submission"): commits.py.
+        "run_id": run_id,
+        "submission": uuid.uuid4().hex[:12],
         **_rate_limiter(config),
     }
     units_before = len(committed.ids("synthesis"))

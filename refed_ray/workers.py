@@ -41,7 +41,11 @@ class _EngineWorker:
     pass_name: str
     id_column: str
 
-    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], rate_limiter: list | None = None):
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], run_id: str, submission: str,
+                 rate_limiter: list | None = None):
+        # The run this actor works for (its commits carry it) and the driver process that started
+        # it (engine deaths count within one): see commits.py.
+        self.run_id, self.submission = run_id, submission
         # Secrets (an API key) come from the driver's environment through the object store, so
         # they never appear in the config, the runtime env or any log.
         os.environ.update(ray.get(secrets[0]))
@@ -62,24 +66,36 @@ class _EngineWorker:
         shard = batch.column("shard")[0].as_py()
         ids = batch.column(self.id_column).to_pylist()
         # Off the event loop: storage requests must not stall the other shards' engine calls.
-        commit = await asyncio.to_thread(commits.find_commit, self.storage, self.pass_name, shard)
+        commit = await asyncio.to_thread(
+            commits.find_commit, self.storage, self.pass_name, shard, self.run_id
+        )
         if commit is None:
             async with self.shard_slots:
-                commit = await self._attempt(shard, ids, batch.to_pylist())
+                attempt = await asyncio.to_thread(
+                    commits.start_attempt, self.storage, self.pass_name, shard, self.submission
+                )
+                try:
+                    commit = await self._attempt(attempt, shard, ids, batch.to_pylist())
+                except BaseException:
+                    # This process lives on, so whatever ended the attempt (an outage, a cancelled
+                    # task, a failed write) was no engine death: it must not count as one.
+                    await _end_cleanly(attempt)
+                    raise
         yield pa.table({"commit": [commit.model_dump_json()]}, COMMIT_SCHEMA)
 
-    async def _attempt(self, shard: str, ids: list[str], rows: list[dict[str, Any]]) -> commits.Commit:
-        attempt = await asyncio.to_thread(commits.start_attempt, self.storage, self.pass_name, shard)
+    async def _attempt(
+        self, attempt: commits.Attempt, shard: str, ids: list[str], rows: list[dict[str, Any]]
+    ) -> commits.Commit:
         counters: dict[str, int] = {}
         shard_counters.set(counters)  # this task's context: its chains count their outage retries here
-        if attempt > self.config.workers.max_shard_attempts:
-            tables, stages = self.abandon(rows, attempt - 1), {}
+        if attempt.deaths >= self.config.workers.max_shard_attempts:
+            tables, stages = self.abandon(rows, attempt.deaths), {}
         else:
             try:
                 tables, stages = await self.process(rows)
             except EngineDead as err:
                 # Exit the actor: Ray restarts it with a fresh engine and retries its shards.
-                # Nothing of this shard was committed.
+                # Nothing of this shard was committed, and its attempt has no end: a death.
                 log.error("engine died, restarting the actor: %s", err)
                 logging.shutdown()
                 os._exit(1)
@@ -89,7 +105,8 @@ class _EngineWorker:
                 raise RuntimeError(f"{OUTAGE}: {err}") from None
         stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
         return await asyncio.to_thread(
-            commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt
+            commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt.number,
+            self.run_id,
         )
 
     async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
@@ -100,8 +117,17 @@ class _EngineWorker:
         raise NotImplementedError
 
 
-def _abandon_reason(attempts: int) -> str:
-    return (f"shard abandoned: its engine died on each of {attempts} attempts (a poison input, or an "
+async def _end_cleanly(attempt: commits.Attempt) -> None:
+    # Shielded: a second cancellation must not leave the record unwritten. A failure to write it
+    # only makes the attempt count as a death; the error that ended the attempt goes up instead.
+    try:
+        await asyncio.shield(asyncio.to_thread(attempt.end_cleanly))
+    except Exception as err:  # fsspec back ends raise many types
+        log.warning("could not record the clean end of %s: %s", attempt.record, err)
+
+
+def _abandon_reason(deaths: int) -> str:
+    return (f"shard abandoned: its engine died on each of {deaths} attempts (a poison input, or an "
             "engine that cannot run it); workers.max_shard_attempts")
 
 

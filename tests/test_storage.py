@@ -23,7 +23,7 @@ def test_each_attempt_writes_its_own_files_and_readers_take_one(tmp_path):
     assert chosen.token == min(first.token, again.token)  # one attempt, never a mix of the two
     assert log.files("data") == chosen.files
     assert len(log.stray_markers) == 1
-    assert find_commit(storage, "synthesis", first.shard) is not None
+    assert find_commit(storage, "synthesis", first.shard, "") is not None
 
 
 def test_a_marker_whose_files_are_gone_is_not_a_commit_and_never_hides_one(tmp_path):
@@ -34,7 +34,7 @@ def test_a_marker_whose_files_are_gone_is_not_a_commit_and_never_hides_one(tmp_p
     assert [c.token for c in CommitLog(storage).commits["synthesis"].values()] == [good.token]
     storage.delete(good.files[0])
     assert CommitLog(storage).commits["synthesis"] == {}  # nothing valid left: the shard is redone
-    assert find_commit(storage, "synthesis", good.shard) is None
+    assert find_commit(storage, "synthesis", good.shard, "") is None
 
 
 def test_index_absorbs_markers_and_leftovers_are_removed(tmp_path):
