@@ -137,7 +137,7 @@ def after_dedup(instructions, reference: str, config) -> list[str]:
     with tempfile.TemporaryDirectory() as work:
         storage, log = commit_texts(Path(work), [t for _, _, t in survivors], shard_rows=50)
         deduplicate(storage, log, config.dedup)
-        dropped = {(r["unit_id"], r["sample_index"]) for r in dropped_keys(storage, log).to_pylist()}
+        dropped = {(r["unit_id"], r["sample_index"]) for r in dropped_keys(storage, log, config.dedup).to_pylist()}
         return [row["instruction"] for name in log.files("data") for row in storage.read_table(name).to_pylist()
                 if (row["unit_id"], row["sample_index"]) not in dropped]
 

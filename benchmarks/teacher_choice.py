@@ -82,7 +82,7 @@ def prepare_smollm2() -> Path:
 
 def summarize(output: Path, seconds: float) -> dict:
     report = json.loads((output / "report.json").read_text())
-    rows = [r for f in sorted((output / "dataset").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in report["dataset"]["files"] for r in pq.read_table(output / f).to_pylist()]  # the manifest's
     written = [json.loads(line) for line in _instruction_replies(output)]
     return {
         "seconds": seconds,

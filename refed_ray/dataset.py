@@ -1,9 +1,24 @@
-"""The compacted dataset: committed samples as ``OUTPUT/dataset/train-XXXXX-of-YYYYY.parquet``.
+"""The compacted dataset: committed samples as ``OUTPUT/dataset/gen-TOKEN/train-XXXXX-of-YYYYY.parquet``.
 
-Commit shards are how a run resumes; this is what users read, less the samples dedup dropped (``datasets.load_dataset("parquet",
-data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about ``dataset_file_mb`` each, written in
-parallel by Ray Data, one task per file. ``dataset/_manifest.json`` names the committed shard
-files it was built from, so an up-to-date dataset is not written again.
+Commit shards are how a run resumes; this is what users read, less the samples dedup dropped
+(``datasets.load_dataset("parquet", data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about
+``dataset_file_mb`` each, written in parallel by Ray Data, one task per file.
+
+``dataset/`` is one complete generation, the previous or the new one, whatever fails:
+
+1. a compaction writes its files into a hidden folder, ``dataset/.gen-TOKEN/``, which every
+   directory reader skips; each file appears whole or not at all (``Storage.open_output``);
+2. once every file is written, the folder is published as ``dataset/gen-TOKEN/``;
+3. ``dataset/_manifest.json`` is replaced to name it: the one commit point. Readers of the
+   project (export, the report, the quality figures) read the files the manifest names;
+4. every other generation (the previous one, a failed or killed compaction's hidden folder) is
+   deleted, here or by the next compaction.
+
+A compaction that fails or is killed before step 3 leaves the manifest and the previous generation
+as they were. A folder listing taken between steps 2 and 4 (one rename on a file system, a copy
+per file on object stores, which cannot rename) sees both generations; the manifest never does.
+The manifest also records what the dataset was built from (a digest of the committed shard files
+and the dropped samples), so an up-to-date dataset is not written again.
 """
 
 from __future__ import annotations
@@ -22,7 +37,9 @@ from refed_ray.commits import CommitLog
 from refed_ray.records import Sample, arrow_schema
 from refed_ray.storage import Storage
 
-MANIFEST = "dataset/_manifest.json"
+FOLDER = "dataset"
+MANIFEST = f"{FOLDER}/_manifest.json"
+CARD = f"{FOLDER}/README.md"  # the dataset card, written beside the manifest
 ROWS_PER_GROUP = 10_000
 KEY_JOIN = "#"  # a dropped sample's key: unit_id#sample_index
 
@@ -35,30 +52,63 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     drops = _drops_by_file(log, dropped)
     files = _take_rows(log, max_rows, drops)
     digest = hashlib.sha256(json.dumps([files, sorted((f, sorted(d)) for f, d in drops.items())]).encode()).hexdigest()[:16]
-    if storage.exists(MANIFEST):
-        manifest = storage.read_json(MANIFEST)
-        if manifest.get("digest") == digest:
-            return manifest
-    sizes = storage.sizes("data")
-    groups = _pack([name for name, _ in files], sizes, file_mb * 2**20)
-    limits = dict(files)
-    names = [f"dataset/train-{i:05d}-of-{len(groups):05d}.parquet" for i in range(len(groups))]
-    rows = 0
-    if groups:
-        tasks = ray.data.from_items(
-            [{"target": name, "files": group, "limits": [limits[f] for f in group],
-              "drops": [sorted(drops.get(f, ())) for f in group]}
-             for name, group in zip(names, groups)], override_num_blocks=len(groups)
-        ).map_batches(
-            _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-            fn_kwargs={"uri": storage.uri, "storage_options": storage.storage_options},
-        )
-        rows = sum(sum(batch["rows"].to_pylist()) for batch in tasks.iter_batches(batch_format="pyarrow"))
-    stale = set(storage.list("dataset")) - set(names) - {MANIFEST}
-    storage.delete_many(stale)
-    manifest = {"digest": digest, "files": names, "rows": rows, "shard_files": len(files)}
-    storage.write_json(MANIFEST, manifest)
+    manifest = read_manifest(storage)
+    if manifest is None or manifest.get("digest") != digest or "generation" not in manifest:
+        generation = f"gen-{uuid.uuid4().hex[:12]}"
+        names, rows = _write_generation(storage, generation, files, drops, file_mb)
+        manifest = {"digest": digest, "generation": generation, "files": names, "rows": rows, "shard_files": len(files)}
+        storage.write_json(MANIFEST, manifest)  # the commit point
+    _delete_other_generations(storage, manifest["generation"])
     return manifest
+
+
+def read_manifest(storage: Storage) -> dict[str, Any] | None:
+    """The committed generation of OUTPUT/dataset: ``files`` (paths relative to OUTPUT), ``rows``."""
+    return storage.read_json(MANIFEST) if storage.exists(MANIFEST) else None
+
+
+def dataset_files(storage: Storage) -> list[str]:
+    """The files of OUTPUT/dataset's committed generation (none before the first compaction)."""
+    manifest = read_manifest(storage)
+    return manifest["files"] if manifest else []
+
+
+def _write_generation(storage: Storage, generation: str, files: list[tuple[str, int]], drops: dict[str, set[str]],
+                      file_mb: int) -> tuple[list[str], int]:
+    """Write a generation in its hidden folder, then publish it; returns its files and rows."""
+    groups = _pack([name for name, _ in files], storage.sizes("data"), file_mb * 2**20)
+    if not groups:
+        return [], 0
+    limits = dict(files)
+    staging, published = f"{FOLDER}/.{generation}", f"{FOLDER}/{generation}"
+    names = [f"train-{i:05d}-of-{len(groups):05d}.parquet" for i in range(len(groups))]
+    tasks = ray.data.from_items(
+        [{"target": f"{staging}/{name}", "files": group, "limits": [limits[f] for f in group],
+          "drops": [sorted(drops.get(f, ())) for f in group]}
+         for name, group in zip(names, groups)], override_num_blocks=len(groups)
+    ).map_batches(
+        _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        fn_kwargs={"uri": storage.uri, "storage_options": storage.storage_options},
+    )
+    rows = 0
+    for batch in tasks.iter_batches(batch_format="pyarrow", batch_size=None):  # one batch per written file
+        rows += sum(batch["rows"].to_pylist())
+    # A task whose process died mid-file (then retried by Ray) left its staging file here: it is not published.
+    expected = {f"{staging}/{name}" for name in names}
+    storage.delete_many([f for f in storage.list(staging) if f not in expected])
+    storage.move_folder(staging, published)
+    return [f"{published}/{name}" for name in names], rows
+
+
+def _delete_other_generations(storage: Storage, generation: str) -> None:
+    """Everything in OUTPUT/dataset but the manifest, the card and the committed generation: the
+    previous generation, the hidden folder of a failed or killed compaction, files of an older
+    layout (one LIST, and deletes only when there is something to delete)."""
+    keep = {MANIFEST, CARD, f"{FOLDER}/{generation}"}
+    for folder in storage.subfolders(FOLDER):
+        if folder not in keep:
+            storage.delete(folder)
+    storage.delete_many([name for name in storage.list(FOLDER) if name not in keep])
 
 
 def _drops_by_file(log: CommitLog, dropped: pa.Table | None) -> dict[str, set[str]]:
@@ -109,16 +159,12 @@ def _pack(files: list[str], sizes: dict[str, int], target: int) -> list[list[str
 
 
 def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
-    """One dataset file from its shard files, streamed: memory holds one row group at a time."""
+    """One dataset file from its shard files, streamed: memory holds one row group at a time. The
+    file appears whole when every row is written, and not at all when anything fails."""
     storage = Storage(uri, storage_options)
-    target = batch["target"][0].as_py()
     schema = arrow_schema(Sample)
-    staging = f"{target}.tmp-{uuid.uuid4().hex}" if storage.is_local else target
     rows, pending = 0, []
-    if storage.is_local:
-        storage.fs.makedirs(storage.path("dataset"), exist_ok=True)
-    # On object stores the upload completes (and the object appears, whole) when the file closes.
-    with storage.fs.open(storage.path(staging), "wb") as handle, pq.ParquetWriter(
+    with storage.open_output(batch["target"][0].as_py()) as handle, pq.ParquetWriter(
         handle, schema, compression="zstd"
     ) as writer:
         for name, limit, drops in zip(batch["files"][0].as_py(), batch["limits"][0].as_py(), batch["drops"][0].as_py()):
@@ -130,8 +176,6 @@ def _write_file(batch: pa.Table, uri: str, storage_options: dict) -> pa.Table:
             if sum(t.num_rows for t in pending) >= ROWS_PER_GROUP:
                 rows += _flush(writer, pending)
         rows += _flush(writer, pending)
-    if storage.is_local:
-        storage.fs.mv(storage.path(staging), storage.path(target))
     return pa.table({"rows": [rows]})
 
 
@@ -142,7 +186,3 @@ def _flush(writer: pq.ParquetWriter, pending: list[pa.Table]) -> int:
     writer.write_table(table, row_group_size=ROWS_PER_GROUP)
     pending.clear()
     return table.num_rows
-
-
-def read_manifest(storage: Storage) -> dict[str, Any] | None:
-    return json.loads(storage.read_bytes(MANIFEST)) if storage.exists(MANIFEST) else None

@@ -19,6 +19,12 @@ No process holds every signature. The result is one commit of pass ``dedup`` (it
 stage "dedup", one row per dropped sample naming the sample kept), named by the synthesis shards
 it covers and the dedup settings, so a resume reuses it and a top-up replaces it. It is a pure
 function of the committed samples: a run killed in here recomputes it, never half-counts it.
+
+One rule decides which dedup commit applies (``current_commit``): the one named by exactly the
+committed synthesis shards and the current settings. Another one left in OUTPUT (a kill before
+``deduplicate`` deleted it, or a crash in a top-up round before its dedup) is stale and never
+applied: the run, the report and export use the current one, and ``deduplicate`` computes it when
+it is missing.
 """
 
 from __future__ import annotations
@@ -50,12 +56,13 @@ def reason(config: DedupConfig) -> str:
 
 
 def deduplicate(storage: Storage, committed: CommitLog, config: DedupConfig) -> Commit | None:
-    """The dedup commit covering every committed synthesis shard: reused when there is one,
-    computed and committed otherwise. Superseded dedup commits are deleted."""
+    """The current dedup commit: reused when there is one, computed and committed otherwise.
+    Superseded dedup commits are deleted (from the log first: after this, the log holds the
+    current commit only)."""
     if not config.enabled:
         _delete_stale(storage, committed, keep=None)
         return None
-    name = commits.shard_name("dedup", sorted(committed.commits["synthesis"]) + [config.model_dump_json()])
+    name = current_name(committed, config)
     commit = committed.commits["dedup"].get(name)
     if commit is None:
         tables = {"rejects": _find_duplicates(storage, committed, config)}
@@ -66,20 +73,49 @@ def deduplicate(storage: Storage, committed: CommitLog, config: DedupConfig) -> 
     return commit
 
 
-def accepted_samples(committed: CommitLog) -> int:
-    """Samples committed by synthesis and kept by dedup."""
-    return committed.stats("synthesis").samples - committed.stats("dedup").lost_samples
+def current_name(committed: CommitLog, config: DedupConfig) -> str:
+    """The name of the dedup commit that applies: it covers exactly the committed synthesis
+    shards, with these settings."""
+    return commits.shard_name("dedup", sorted(committed.commits["synthesis"]) + [config.model_dump_json()])
 
 
-def dropped_keys(storage: Storage, committed: CommitLog) -> pa.Table:
-    """``(unit_id, sample_index)`` of the samples the run's dedup commit drops (``deduplicate``
-    keeps one: the latest)."""
+def current_commit(committed: CommitLog, config: DedupConfig) -> Commit | None:
+    """The dedup commit that applies (None when dedup is off). Raises ``StaleDedup`` when dedup is
+    on and no commit covers the committed synthesis shards: ``deduplicate`` first."""
+    if not config.enabled:
+        return None
+    commit = committed.commits["dedup"].get(current_name(committed, config))
+    if commit is None:
+        raise StaleDedup(
+            f"no dedup commit covers the {len(committed.commits['synthesis'])} committed synthesis shards "
+            f"with these settings (found {len(committed.commits['dedup'])} stale): run deduplicate first"
+        )
+    return commit
+
+
+def current_stats(committed: CommitLog, config: DedupConfig) -> ShardStats:
+    """The counters of the current dedup commit (none when dedup is off)."""
+    commit = current_commit(committed, config)
+    return commit.stats if commit else ShardStats()
+
+
+def accepted_samples(committed: CommitLog, config: DedupConfig) -> int:
+    """Samples committed by synthesis and kept by the current dedup commit."""
+    return committed.stats("synthesis").samples - current_stats(committed, config).lost_samples
+
+
+def dropped_keys(storage: Storage, committed: CommitLog, config: DedupConfig) -> pa.Table:
+    """``(unit_id, sample_index)`` of the samples the current dedup commit drops."""
     schema = pa.schema([("unit_id", pa.string()), ("sample_index", pa.int64())])
-    commit = next(iter(committed.commits["dedup"].values()), None)
+    commit = current_commit(committed, config)
     if commit is None:
         return schema.empty_table()
     tables = [storage.read_table(f).select(schema.names) for f in commit.files if f.startswith("rejects/")]
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+
+
+class StaleDedup(RuntimeError):
+    """Dedup has not run over the committed synthesis shards (a caller skipped ``deduplicate``)."""
 
 
 def _delete_stale(storage: Storage, committed: CommitLog, keep: str | None) -> None:

@@ -4,44 +4,77 @@
 - jsonl: ``{"instruction", "response"}`` per line, the response being the refined one;
 - sharegpt: ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` per line.
 
-It reads OUTPUT/dataset (brought up to date first) through Ray Data: files are read and rows
-converted in parallel tasks; the driver only appends the converted lines to the one target file.
+It brings OUTPUT/dataset up to date first, with the settings the run recorded in ``run.json``:
+the current dedup commit (computed when the one left is stale: after a crash in a top-up round,
+synthesis shards were committed after it), then the compaction. It reads the files the dataset's
+manifest names through Ray Data: files are read and rows converted in parallel tasks; the driver
+only appends the converted lines to the one target file.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import fsspec
 import pyarrow as pa
 import ray
 
 from refed_ray.commits import CommitLog
+from refed_ray.config import DedupConfig
 from refed_ray.dataset import compact_dataset
-from refed_ray.dedup import dropped_keys
+from refed_ray.dedup import deduplicate, dropped_keys
 from refed_ray.errors import UserError
 from refed_ray.records import RefedRow
 from refed_ray.storage import Storage
 
-FORMATS = ("refed-json", "jsonl", "sharegpt")
 _REFED_FIELDS = list(RefedRow.model_fields)
 
 
+def _refed(row: dict) -> dict:
+    return row
+
+
+def _jsonl(row: dict) -> dict:
+    return {"instruction": row["instruction"], "response": row["improved_response"]}
+
+
+def _sharegpt(row: dict) -> dict:
+    return {
+        "conversations": [
+            {"from": "human", "value": row["instruction"]},
+            {"from": "gpt", "value": row["improved_response"]},
+        ]
+    }
+
+
+# A format: how a REFED row becomes one JSON value, and whether the values form one JSON list.
+CONVERTERS: dict[str, Callable[[dict], dict]] = {"refed-json": _refed, "jsonl": _jsonl, "sharegpt": _sharegpt}
+JSON_LIST_FORMATS = {"refed-json"}
+FORMATS = tuple(CONVERTERS)
+
+
 def export(
-    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int = 256
+    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int | None = None
 ) -> tuple[str, int]:
     storage = Storage(output, storage_options)
     if not storage.exists("run.json"):
         raise UserError(f"{output} holds no refed-ray run (no run.json)")
+    if fmt not in CONVERTERS:
+        raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not ray.is_initialized():
         ray.init()
+    run_config = storage.read_json("run.json")["config"]
+    dedup_config = DedupConfig.model_validate(run_config["dedup"])
     log = CommitLog(storage)
-    manifest = compact_dataset(storage, log, file_mb, max_rows=storage.read_json("run.json")["config"]["num_samples"],
-                               dropped=dropped_keys(storage, log))
-    target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if fmt == 'refed-json' else 'jsonl'}"
+    deduplicate(storage, log, dedup_config)
+    manifest = compact_dataset(storage, log, file_mb or run_config["dataset_file_mb"], max_rows=run_config["num_samples"],
+                               dropped=dropped_keys(storage, log, dedup_config))
+    as_list = fmt in JSON_LIST_FORMATS
+    target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if as_list else 'jsonl'}"
     count = 0
     with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as out:
-        if fmt == "refed-json":
+        if as_list:
             out.write("[")
         if manifest["files"]:
             lines = ray.data.read_parquet(
@@ -50,31 +83,19 @@ def export(
             for batch in lines.iter_batches(batch_format="pyarrow", batch_size=None):
                 for line in batch.column("line").to_pylist():
                     count += 1
-                    if fmt == "refed-json":
+                    if as_list:
                         out.write(("\n" if count == 1 else ",\n") + line)
                     else:
                         out.write(line + "\n")
-        if fmt == "refed-json":
+        if as_list:
             out.write("\n]\n")
     return target, count
 
 
 def _to_lines(batch: pa.Table, fmt: str) -> pa.Table:
+    convert = CONVERTERS[fmt]
     rows = batch.select(_REFED_FIELDS).to_pylist()
-    return pa.table({"line": [json.dumps(_convert(row, fmt), ensure_ascii=False) for row in rows]})
-
-
-def _convert(row: dict, fmt: str) -> dict:
-    if fmt == "refed-json":
-        return row
-    if fmt == "jsonl":
-        return {"instruction": row["instruction"], "response": row["improved_response"]}
-    return {
-        "conversations": [
-            {"from": "human", "value": row["instruction"]},
-            {"from": "gpt", "value": row["improved_response"]},
-        ]
-    }
+    return pa.table({"line": [json.dumps(convert(row), ensure_ascii=False) for row in rows]})
 
 
 def _arrow_fs(storage: Storage):

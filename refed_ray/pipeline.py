@@ -104,13 +104,13 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         if not more:
             break
         log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
-                 - accepted_samples(committed), config.num_samples, more)
+                 - accepted_samples(committed, config.dedup), config.num_samples, more)
         plan = write_plan(
             storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
             config.workers.units_per_shard, units=plan.units + more,
         )
     dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples,
-                              dropped=dropped_keys(storage, committed))
+                              dropped=dropped_keys(storage, committed, config.dedup))
 
     quality = data_quality(storage, dataset["files"], seeds.references, config.dedup.ngram, config.seed)
     report = build_report(
@@ -123,7 +123,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
 
 def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:
     """Units to add so that N samples are accepted despite rejects and duplicates."""
-    accepted = accepted_samples(committed)
+    accepted = accepted_samples(committed, config.dedup)
     short = config.num_samples - accepted
     budget = _max_units(config) - planned_units
     if short > 0 and budget <= 0:

@@ -8,6 +8,9 @@ aspects of a reference side by side (as the authors run them). The plan is the f
 units. A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
 planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
 re-forms work that may already be committed.
+
+The plan's files are ``plan/part-NNNNN.parquet``, each written whole; its reader takes those names
+only, never a staging file a killed write left beside them (the writer deletes those).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +43,7 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 ROWS_PER_PLAN_FILE = 100_000
+PART = re.compile(r"part-\d{5}\.parquet")
 
 
 @dataclass
@@ -105,9 +111,9 @@ def write_plan(
     """Extend OUTPUT/plan/ to ``num_samples`` (or to ``units`` units, for a top-up): the existing
     parts stay as they are, the units they lack are appended in new parts of whole shards. Without
     ``keep_existing`` (nothing committed yet) the plan is written anew."""
-    if not keep_existing:
-        storage.delete_many(storage.list("plan"))
-    files = storage.list("plan")
+    listed = storage.list("plan")
+    files = [f for f in listed if _is_part(f)] if keep_existing else []
+    storage.delete_many(sorted(set(listed) - set(files)))  # the old plan, or what killed writes left
     planned = sum(_rows(storage, f) for f in files)
     wanted = units if units is not None else units_needed(num_samples, k)
     new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
@@ -136,7 +142,7 @@ def summarize(storage: Storage, files: list[str]) -> PlanSummary:
 
 
 def read_plan(storage: Storage, files: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
-    files = storage.list("plan") if files is None else files
+    files = plan_files(storage) if files is None else files
     tables = [storage.read_table(f).select(columns or PLAN_SCHEMA.names) for f in files]
     schema = pa.schema([PLAN_SCHEMA.field(c) for c in (columns or PLAN_SCHEMA.names)])
     return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -151,6 +157,15 @@ def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
     starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
     ends = np.r_[starts[1:], len(shards)]
     return [plan.take(np.arange(s, e)) for s, e in zip(starts, ends) if shards[s] not in committed]
+
+
+def plan_files(storage: Storage) -> list[str]:
+    """The plan's parts, in order."""
+    return [f for f in storage.list("plan") if _is_part(f)]
+
+
+def _is_part(relative: str) -> bool:
+    return PART.fullmatch(posixpath.basename(relative)) is not None
 
 
 def _rows(storage: Storage, relative: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.dedup import accepted_samples
+from refed_ray.dedup import accepted_samples, current_stats
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
 from refed_ray.stats import StageStats, empty_stats, merge
@@ -29,13 +29,14 @@ def build_report(
     wall_seconds: float,
     quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis", "dedup")}
+    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis")}
+    totals["dedup"] = current_stats(committed, config.dedup)  # the current dedup commit's, never a stale one's
     stages = empty_stats()
     for stats in totals.values():
         merge(stages, stats.stages)
     synthesis = committed.commits["synthesis"].values()
     redone = [c for c in synthesis if c.attempt > 1]
-    samples = accepted_samples(committed)
+    samples = accepted_samples(committed, config.dedup)
     lost = sum(t.lost_samples for t in totals.values())
     duplicates = {stage: sum(n for reason, n in t.reject_reasons.items() if reason.startswith("dedup:"))
                   for stage, t in (("in_unit", totals["synthesis"]), ("across_units", totals["dedup"]))}

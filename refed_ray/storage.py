@@ -1,8 +1,12 @@
 """File I/O on any fsspec URI (local paths, s3://, gs://, ...): whole-object writes, listings, deletes.
 
-Each file is written whole: to a temporary name then renamed on file systems, and by a single PUT
-on object stores, where an object never appears partially. What a file means (committed or not)
-is the commit protocol's business (``commits.py``), not this module's.
+Each file is written whole: to a hidden staging name beside it then renamed on file systems, and by
+a single upload on object stores, where an object never appears partially. A staging name starts
+with "." (``.NAME.tmp-TOKEN``): directory readers (pyarrow, pandas, Hugging Face ``datasets``, Spark)
+skip such names, and no reader of this project takes it, since each takes only the names its writer
+commits. A process killed mid-write leaves its staging file; the clean-ups of the folders delete it.
+What a file means (committed or not) is the commit protocol's business (``commits.py``), not this
+module's.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -60,11 +65,44 @@ class Storage:
         target = self.path(relative)
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            staging = f"{target}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(staging, data)
-            self.fs.mv(staging, target)  # os.rename: atomic on one file system
+            staging = _staging_path(target)
+            try:
+                self.fs.pipe_file(staging, data)
+                self.fs.mv(staging, target)  # os.rename: atomic on one file system
+            except Exception:
+                self._discard(staging)
+                raise
         else:
             self.fs.pipe_file(target, data)  # one PUT: the object appears whole or not at all
+
+    @contextmanager
+    def open_output(self, relative: str) -> Iterator[BinaryIO]:
+        """A file written in parts (a Parquet writer's row groups) that appears under ``relative``
+        whole, and only when the block ends without an error. Closing an object store's file
+        handle uploads whatever it holds, errors included, so the parts go to a hidden staging
+        file beside the target (file systems: then renamed) or to a local temporary file
+        (object stores: then uploaded in one go, an object that appears complete or not at all)."""
+        target = self.path(relative)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            staging = _staging_path(target)
+            try:
+                with self.fs.open(staging, "wb") as handle:
+                    yield handle
+                self.fs.mv(staging, target)
+            except Exception:
+                self._discard(staging)
+                raise
+            return
+        with tempfile.TemporaryDirectory(prefix="refed-ray-") as folder:
+            local = posixpath.join(folder, posixpath.basename(target))
+            with open(local, "wb") as handle:
+                yield handle
+            self.fs.put_file(local, target)
+
+    def _discard(self, staging: str) -> None:
+        if self.fs.exists(staging):
+            self.fs.rm(staging)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
@@ -102,7 +140,8 @@ class Storage:
 
     def list(self, folder: str) -> list[str]:
         """Paths relative to the output root of the files directly in ``folder`` (one paginated
-        LIST on object stores, whatever the number of files)."""
+        LIST on object stores, whatever the number of files). Staging files of killed writes are
+        listed too, for the clean-ups to delete: readers take only the names their writer commits."""
         return sorted(self.sizes(folder))
 
     def sizes(self, folder: str) -> dict[str, int]:
@@ -123,6 +162,27 @@ class Storage:
         except FileNotFoundError:
             return True
 
+    def subfolders(self, folder: str) -> list[str]:
+        """Paths relative to the output root of the folders directly in ``folder``."""
+        try:
+            entries = self.fs.ls(self.path(folder), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.join(folder, posixpath.basename(e["name"].rstrip("/")))
+                      for e in entries if e.get("type") == "directory")
+
+    def move_folder(self, source: str, target: str) -> None:
+        """Move a folder of files to a new name: one rename on a file system (atomic); on object
+        stores, which cannot rename, a server-side copy of each file, then the deletes."""
+        if self.is_local:
+            self.fs.mv(self.path(source), self.path(target))
+            return
+        files = self.fs.find(self.path(source))
+        prefix = self.path(source) + "/"
+        if files:
+            self.fs.copy(files, [self.path(target, f[len(prefix):]) for f in files])
+            self.fs.rm(files)
+
     def delete(self, relative: str) -> None:
         self.fs.rm(self.path(relative), recursive=True)
 
@@ -141,3 +201,10 @@ class Storage:
             self.delete(probe)
         except Exception as err:  # fsspec back ends raise many types
             raise UserError(f"cannot write to output {self.uri}: {type(err).__name__}: {err}") from None
+
+
+def _staging_path(target: str) -> str:
+    """Where a file is written before its rename: beside it (one file system, so the rename is
+    atomic), under a hidden name no reader takes."""
+    folder, name = posixpath.split(target)
+    return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")

@@ -4,14 +4,17 @@ and a run that meets injected exact and near duplicates, is killed in the dedup 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pyarrow.parquet as pq
 import pytest
 
-from refed_ray import commits, dedup
+from refed_ray import commits, dedup, pipeline
 from refed_ray.commits import CommitLog
 from refed_ray.config import DedupConfig
+from refed_ray.dataset import dataset_files
+from refed_ray.export import export
 from refed_ray.pipeline import run
 from refed_ray.records import Sample, to_table
 from refed_ray.similarity import jaccard, lsh_bands, near_duplicates_within, signatures
@@ -68,7 +71,7 @@ def test_distributed_pass_finds_every_injected_duplicate_across_blocks_and_parti
     monkeypatch.setattr(dedup, "BAND_ROWS_PER_PARTITION", 10_000)  # 3,000 x 17 band rows: 5 partitions
     commit = dedup.deduplicate(storage, log, DedupConfig(rows_per_task=1000))
 
-    dropped = dedup.dropped_keys(storage, log).to_pylist()
+    dropped = dedup.dropped_keys(storage, log, DedupConfig(rows_per_task=1000)).to_pylist()
     assert commit.stats.lost_samples == len(dropped) == 200
     position = {(s["unit_id"], s["sample_index"]): i for i, s in enumerate(_all_samples(storage, log))}
     assert {position[(d["unit_id"], d["sample_index"])] for d in dropped} == set(range(2_800, 3_000))
@@ -125,6 +128,83 @@ def test_run_drops_counts_and_records_duplicates_and_a_kill_in_dedup_resumes_exa
     assert next(iter(CommitLog(storage).commits["dedup"].values())).token == token
 
 
+def _repeating_run(tmp_path):
+    """A run whose later rounds repeat round 0's instructions: its round of 6 units keeps 18
+    samples of 24, and its top-up round (3 units, the budget) only adds near-duplicates."""
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}}
+    return make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine)
+
+
+def _killed_on_second_call(real, what: str):
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed(what)
+        return real(*args, **kwargs)
+
+    return dying
+
+
+def _exported_instructions(config, target) -> list[str]:
+    _, count = export(config.output, "jsonl", str(target))
+    instructions = [json.loads(line)["instruction"] for line in target.read_text().splitlines()]
+    assert count == len(instructions)
+    return instructions
+
+
+def _assert_no_near_duplicates(instructions: list[str]) -> None:
+    for a, b in itertools.combinations(instructions, 2):
+        assert jaccard(a, b, 3) < 0.7, (a, b)
+
+
+def test_export_after_a_crash_inside_a_top_up_round_drops_the_top_up_duplicates(tmp_path, monkeypatch):
+    config = _repeating_run(tmp_path)
+    storage = Storage(config.output)
+    # Killed after the top-up round's synthesis pass committed, before its dedup pass.
+    monkeypatch.setattr(pipeline, "deduplicate", _killed_on_second_call(dedup.deduplicate, "killed in a top-up round"))
+    with pytest.raises(Killed):
+        run(config)
+    monkeypatch.undo()
+    log = CommitLog(storage)
+    assert len(log.ids("synthesis")) == 9  # the top-up's 3 units are committed...
+    (stale,) = log.commits["dedup"].values()  # ...after the one dedup commit, which covers the first 6
+    assert stale.shard != dedup.current_name(log, config.dedup)
+
+    instructions = _exported_instructions(config, tmp_path / "export.jsonl")
+    assert len(instructions) == 18  # not 24: the top-up's samples are all near-duplicates
+    _assert_no_near_duplicates(instructions)
+
+    report = run(config)  # the resume finishes the round, with the dedup export computed
+    assert report["delivered"] == 18 and report["deduplicated"]["across_units"] == 9
+    assert report["all_planned_samples_accounted"]
+
+
+def test_with_two_dedup_commits_left_the_current_one_wins(tmp_path, monkeypatch):
+    config = _repeating_run(tmp_path)
+    storage = Storage(config.output)
+    # Killed after the top-up round's dedup commit, before the first round's one was deleted.
+    monkeypatch.setattr(dedup, "_delete_stale", _killed_on_second_call(dedup._delete_stale, "killed in dedup's clean-up"))
+    with pytest.raises(Killed):
+        run(config)
+    monkeypatch.undo()
+    log = CommitLog(storage)
+    stale, current = log.commits["dedup"].values()  # listed first: the stale one, from the index
+    assert dedup.current_commit(log, config.dedup) == current != stale
+    assert current.shard == dedup.current_name(log, config.dedup)
+    assert len(dedup.dropped_keys(storage, log, config.dedup)) == current.stats.lost_samples == 9
+
+    instructions = _exported_instructions(config, tmp_path / "export.jsonl")
+    assert len(instructions) == 18
+    _assert_no_near_duplicates(instructions)
+    assert [c.shard for c in CommitLog(storage).commits["dedup"].values()] == [current.shard]  # the stale one is gone
+
+    report = run(config)
+    assert report["delivered"] == 18 and report["deduplicated"]["across_units"] == 9
+
+
 def _sample(instruction: str, unit: str, index: int) -> Sample:
     return Sample(instruction=instruction, response="r", analysis={"original_strengths": [], "improvement_opportunities": [],
                   "relevant_feedback": []}, implementation_strategy={"planned_changes": [], "rationale": ""},
@@ -137,6 +217,5 @@ def _all_samples(storage: Storage, log: CommitLog) -> list[dict]:
 
 
 def _dataset(storage: Storage):
-    for name in storage.list("dataset"):
-        if name.endswith(".parquet"):
-            yield pq.read_table(storage.path(name))
+    for name in dataset_files(storage):
+        yield pq.read_table(storage.path(name))

@@ -1,11 +1,33 @@
+import os
+
 import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from refed_ray.plan import (
     iter_units, make_unit, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )
 from refed_ray.storage import Storage
+from tests.conftest import pairs, write_jsonl
 
 REFS = [f"ref-{i}" for i in range(5)]
+
+
+class Killed(BaseException):
+    """A kill: not an Exception, so nothing on the way up handles it."""
+
+
+def kill_writes_into(folder: str, monkeypatch) -> None:
+    """The process dies half way through its next staged write into ``folder`` on a local disk."""
+    real_pipe_file = LocalFileSystem.pipe_file
+
+    def dying_pipe_file(self, path, value, *args, **kwargs):
+        if f"/{folder}/" in path:
+            real_pipe_file(self, path, value[: len(value) // 2], *args, **kwargs)
+            raise Killed(f"killed while writing {path}")
+        return real_pipe_file(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", dying_pipe_file)
 
 
 def test_units_are_deterministic_and_distinct():
@@ -51,6 +73,39 @@ def test_plan_is_reproducible_and_only_appended_to(tmp_path, monkeypatch):
 
     fresh = write_plan(storage, REFS, 8, 4, 3, units_per_shard=3, keep_existing=False)
     assert storage.list("plan") == fresh.files == ["plan/part-00000.parquet"] and fresh.units == 2
+
+
+def test_a_write_killed_mid_part_leaves_a_staging_file_no_reader_takes(tmp_path, monkeypatch):
+    storage = Storage(str(tmp_path / "out"))
+    write_plan(storage, REFS, 20, 4, 3, units_per_shard=2)
+    rows = read_plan(storage).to_pylist()
+    kill_writes_into("plan", monkeypatch)
+    with pytest.raises(Killed):
+        write_plan(storage, REFS, 40, 4, 3, units_per_shard=2)  # a grown plan's next part
+    monkeypatch.undo()
+    assert len(os.listdir(tmp_path / "out" / "plan")) == 2  # the part, and the killed write's half file
+    assert read_plan(storage).to_pylist() == rows
+
+    grown = write_plan(storage, REFS, 40, 4, 3, units_per_shard=2)
+    assert grown.units == 10 and read_plan(storage).to_pylist()[: len(rows)] == rows
+    assert sorted(os.listdir(tmp_path / "out" / "plan")) == ["part-00000.parquet", "part-00001.parquet"]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_resume_completes_after_a_run_killed_writing_its_plan(tmp_path, monkeypatch):
+    from refed_ray.pipeline import run
+    from tests.test_pipeline import make_config
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))
+    config = make_config(tmp_path, seeds, num_samples=12)
+    run(config)
+    grown = config.model_copy(update={"num_samples": 24})
+    kill_writes_into("plan", monkeypatch)
+    with pytest.raises(Killed):
+        run(grown)
+    monkeypatch.undo()
+    report = run(grown)
+    assert report["samples"] == 24 and report["units"]["resumed"] == 4 and report["plan"]["units"] == 8
 
 
 def test_pending_shards_are_one_small_table_each(tmp_path):

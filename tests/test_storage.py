@@ -1,6 +1,9 @@
 """The commit protocol (commits.py) on a local OUTPUT: no Ray needed."""
 
+import os
+
 import pyarrow as pa
+import pytest
 
 from refed_ray.commits import CommitLog, commit_shard, find_commit, shard_name
 from refed_ray.stats import ShardStats
@@ -57,3 +60,26 @@ def test_writes_leave_no_temporary_files(tmp_path):
     storage.write_json("report.json", {"a": 1})
     assert storage.read_json("report.json") == {"a": 1}
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
+
+
+def test_staging_files_of_killed_writes_are_hidden_never_read_and_cleaned_up(tmp_path, monkeypatch):
+    """A local write killed half way leaves its staging file: a hidden name (directory readers
+    skip it), which no commit names, and which the commit log's clean-up deletes."""
+    from tests.test_plan import Killed, kill_writes_into
+
+    storage = Storage(str(tmp_path / "out"))
+    good = commit(storage, ["a"])
+    for folder, ids in (("data", ["b"]), ("_markers/synthesis", ["c"])):
+        kill_writes_into(folder, monkeypatch)
+        with pytest.raises(Killed):
+            commit(storage, ids)
+        monkeypatch.undo()
+    out = tmp_path / "out"
+    staged = [f"{folder}/{n}" for folder in ("data", "_markers/synthesis") for n in os.listdir(out / folder) if ".tmp-" in n]
+    assert len(staged) == 2 and all(name.split("/")[-1].startswith(".") for name in staged)
+
+    log = CommitLog(storage)
+    assert [c.token for c in log.commits["synthesis"].values()] == [good.token]
+    assert set(staged) <= set(log.remove_leftovers())
+    assert sorted(os.listdir(out / "data")) == [good.files[0].split("/")[1]]
+    assert os.listdir(out / "_markers" / "synthesis") == [good.marker.split("/")[-1]]
