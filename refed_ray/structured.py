@@ -13,7 +13,14 @@ from functools import cache
 from pydantic import BaseModel, ValidationError
 
 from refed_ray.config import SamplingConfig
-from refed_ray.engines.base import ChatRequest, Engine, EngineDead, EngineUnavailable, RequestRejected
+from refed_ray.engines.base import (
+    ChatRequest,
+    Engine,
+    EngineDead,
+    EngineMisconfigured,
+    EngineUnavailable,
+    RequestRejected,
+)
 from refed_ray.records import string_at_bound
 
 
@@ -65,8 +72,8 @@ async def ask(
             # the same way. Earlier attempts' tokens stay counted.
             answer.error = str(err)
             return answer
-        except (EngineDead, EngineUnavailable):
-            raise  # infrastructure, not this sample's fault: its shard stays uncommitted
+        except (EngineDead, EngineUnavailable, EngineMisconfigured):
+            raise  # infrastructure or settings, not this sample's fault: its shard stays uncommitted
         except Exception as err:
             # An engine that raises what it does not declare is broken, not the sample: treat it
             # as dead, so its actor restarts and the shard is retried (bounded, see workers.py).

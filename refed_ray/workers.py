@@ -23,7 +23,7 @@ import ray
 
 from refed_ray import commits
 from refed_ray.config import RunConfig
-from refed_ray.engines.base import EngineDead, EngineUnavailable, create_engine
+from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable, create_engine
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.feedback import collect_feedback
 from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_SCHEMA = pa.schema([("commit", pa.string())])
 OUTAGE = "refed-ray outage"  # how the driver recognises an outage among a failed pass's errors
+MISCONFIGURED = "refed-ray misconfigured"  # ... and engine settings the API refused
 
 
 class _EngineWorker:
@@ -103,6 +104,9 @@ class _EngineWorker:
                 # Fails the pass: the driver stops the run with this message; the shard stays
                 # uncommitted and a resubmission redoes it.
                 raise RuntimeError(f"{OUTAGE}: {err}") from None
+            except EngineMisconfigured as err:
+                # Fails the pass at once: no call can succeed until the settings are fixed.
+                raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
         stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
         return await asyncio.to_thread(
             commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt.number,

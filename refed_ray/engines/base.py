@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
@@ -29,7 +31,7 @@ class Completion(BaseModel):
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
-# Three ways a call fails, each handled where it belongs:
+# Four ways a call fails, each handled where it belongs:
 # - RequestRejected: this request's content can never succeed (longer than the context window,
 #   refused as malformed). Only its own sample is rejected, recorded in rejects/.
 # - EngineUnavailable: the infrastructure failed (an API that gave up after its retries, a
@@ -39,6 +41,10 @@ class Completion(BaseModel):
 # - EngineDead: the engine in this actor is gone or hung. The actor exits, Ray restarts it and
 #   retries its shards; a shard that kills its engine ``workers.max_shard_attempts`` times is
 #   committed as rejects (a poison input).
+# - EngineMisconfigured: the run's engine settings are wrong (an API key, model name or URL the
+#   API refuses). No call can succeed and waiting cannot help: the run stops at once (exit 2) with
+#   a message naming the setting to fix. Never an outage, never an engine death.
+# An engine raises nothing else: the pipeline treats any other exception as an engine death.
 
 
 class RequestRejected(Exception):
@@ -53,6 +59,11 @@ class EngineDead(Exception):
     """The engine itself died or hung: its actor must exit so Ray restarts it and retries its shards."""
 
 
+class EngineMisconfigured(Exception):
+    """The engine's settings cannot work (a key, model or URL the API refuses); the message names
+    the setting to fix."""
+
+
 class Engine(ABC):
     """One engine per actor. ``complete`` is called concurrently from many coroutines."""
 
@@ -60,6 +71,11 @@ class Engine(ABC):
     #: Requests the engine batches at once (vLLM's ``max_num_seqs``); None when it has no such bound.
     #: Workers admit that many requests so the engine stays full (see ``workers.requests_in_flight``).
     max_concurrency: int | None = None
+
+    async def wait_turn(self, request: ChatRequest) -> None:
+        """Wait until the run's own budgets (an API's rate limits) let ``request`` go. Callers
+        await it before ``complete``; the hang watchdog does not time it: it is our queueing,
+        not the engine's silence."""
 
     @abstractmethod
     async def complete(self, request: ChatRequest) -> Completion: ...
@@ -93,3 +109,28 @@ def load_class(class_path: str | None) -> type[Engine]:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise UserError(f"engine.class_path {class_path!r} cannot be imported: {err}") from None
+
+
+# What a credential looks like inside text an API sends back: an Authorization or api-key header
+# or field (the scheme word, e.g. Bearer, kept), an OpenAI-style key, a URL's user:password.
+_CREDENTIALS = [
+    (re.compile(r"(?i)(\bbearer\s+)[^\s\"',;}]+"), r"\1***"),
+    (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)[^\s\"',;}]+"),
+     r"\1***"),
+    (re.compile(r"(?i)(\bapi[-_ ]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"), r"\1***"),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{6,}"), "sk-***"),
+    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
+]
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every credential in it masked: the values in ``secrets`` (the run's API key)
+    wherever they appear, and anything shaped like a key. Applied wherever an API's answer
+    becomes text the project logs, raises or stores: servers and proxies may echo the headers
+    they were sent."""
+    for secret in secrets:
+        if len(secret) >= 4:  # a shorter "key" is a placeholder; masking it would garble the text
+            text = text.replace(secret, "***")
+    for pattern, mask in _CREDENTIALS:
+        text = pattern.sub(mask, text)
+    return text

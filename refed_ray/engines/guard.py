@@ -6,7 +6,11 @@
   backoff for up to ``outage_patience_s``; past that the error goes up and the run stops with the
   shard uncommitted. Each retry is counted in the shard's ``outage_retries``, never as a reject.
 - A hung engine (calls in flight, no answer of any kind for ``hang_timeout_s``) is treated as a
-  dead one: the process exits, Ray restarts the actor and retries its shards.
+  dead one: the process exits, Ray restarts the actor and retries its shards. The watchdog times
+  the engine only: waits for admission and for the run's rate limits (``Engine.wait_turn``) are
+  our own queueing, and a run throttled to one request a minute is not hung.
+- Settings the API refuses (``EngineMisconfigured``) are not waited out: they go straight up and
+  the run stops.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class GuardedEngine(Engine):
     async def _patiently(self, request: ChatRequest) -> Completion:
         started, delay = time.monotonic(), 1.0
         while True:
+            await self.engine.wait_turn(request)  # our own queueing: the watchdog does not time it
             try:
                 return await self._timed(request)
             except EngineUnavailable as err:
