@@ -2,7 +2,9 @@
 
 - refed-json: one JSON list of REFED rows (the released REFED file's shape);
 - jsonl: ``{"instruction", "response"}`` per line, the response being the refined one;
-- sharegpt: ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` per line.
+- sharegpt: ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` per line;
+- messages: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` per line (the
+  conversational format TRL's SFTTrainer and axolotl's chat templates take as is).
 
 It reads OUTPUT/dataset (brought up to date first) through Ray Data: files are read and rows
 converted in parallel tasks; the driver only appends the converted lines to the one target file.
@@ -23,7 +25,7 @@ from refed_ray.errors import UserError
 from refed_ray.records import RefedRow
 from refed_ray.storage import Storage
 
-FORMATS = ("refed-json", "jsonl", "sharegpt")
+FORMATS = ("refed-json", "jsonl", "sharegpt", "messages")
 _REFED_FIELDS = list(RefedRow.model_fields)
 
 
@@ -69,6 +71,9 @@ def _convert(row: dict, fmt: str) -> dict:
         return row
     if fmt == "jsonl":
         return {"instruction": row["instruction"], "response": row["improved_response"]}
+    if fmt == "messages":
+        return {"messages": [{"role": "user", "content": row["instruction"]},
+                             {"role": "assistant", "content": row["improved_response"]}]}
     return {
         "conversations": [
             {"from": "human", "value": row["instruction"]},
