@@ -19,7 +19,7 @@ from refed_ray.seeds import SeedSet
 from refed_ray.storage import Storage
 
 RUN_FILE = "run.json"
-KNOWN = (RUN_FILE, "report.json", "plan", "feedback", "data", "rejects", "dataset", "export",
+KNOWN = (RUN_FILE, "report.json", "report.html", "plan", "feedback", "data", "rejects", "dataset", "export",
          "_markers", "_attempts", "_index")
 
 
