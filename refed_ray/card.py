@@ -4,7 +4,8 @@ A YAML header (license placeholder, task categories, size category, ``configs`` 
 dataset's Parquet files) and what the data is, how it was made and how to load it, with the
 counts, lengths and diversity figures of report.json. Written after the dataset is compacted,
 from the manifest's file list (the files a reader should load, whatever the folder's layout),
-so ``dataset/`` can be uploaded as it is: ``huggingface-cli upload NAME OUTPUT/dataset --repo-type dataset``.
+so ``dataset/`` can be uploaded as it is (``hf upload NAME OUTPUT/dataset . --repo-type dataset``,
+README, "The dataset card").
 """
 
 from __future__ import annotations

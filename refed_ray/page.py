@@ -26,7 +26,7 @@ import html
 import json
 import re
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib.resources import files
 from typing import Any
 
@@ -70,6 +70,7 @@ def page_data(storage: Storage, report: dict[str, Any]) -> dict[str, Any]:
         "throughput": throughput(committed.commits["synthesis"].values()),
         "samples": samples,
         "references": {r["reference_id"]: r for r in references if r["reference_id"] in shown},
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

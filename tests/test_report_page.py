@@ -69,7 +69,7 @@ def test_a_run_writes_a_page_that_opens_offline_with_every_chart_drawn(finished,
     assert set(drawn) == CHARTS | ({"throughput"} if timed else set())
     assert all(painted > 500 for painted in drawn.values()), drawn
     if not timed:
-        assert any("record no times" in text for text in dom.text)
+        assert any("commits record no times" in text for text in dom.text)
     shot = screenshot(finished.out / "report.html", tmp_path / "report.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
