@@ -1,4 +1,4 @@
-"""The ``refed-ray`` command: run, prepare-model, export."""
+"""The ``refed-ray`` command: run, prepare-model, export, report."""
 
 from __future__ import annotations
 
@@ -42,10 +42,16 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common], help="write committed samples for training frameworks")
     export.add_argument("output", help="a run's OUTPUT URI")
-    export.add_argument("--format", default="refed-json", choices=["refed-json", "jsonl", "sharegpt"])
+    export.add_argument("--format", default="refed-json", choices=["refed-json", "jsonl", "sharegpt", "messages"])
     export.add_argument("--to", help="target file or URI (default: OUTPUT/export/FORMAT.json[l])")
     export.add_argument("--config", help="the run's YAML config, for its storage_options")
     export.set_defaults(handler=_export)
+
+    report = commands.add_parser("report", parents=[common], help="write report.html and the dataset card again")
+    report.add_argument("output", help="a run's OUTPUT URI")
+    report.add_argument("--config", help="the run's YAML config, for its storage_options")
+    report.add_argument("--samples", type=int, default=3, help="samples to print (default 3)")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -113,6 +119,14 @@ def _export(args: argparse.Namespace) -> int:
     storage_options = load_config(args.config, {}).storage_options if args.config else None
     target, count = export(args.output, args.format, args.to, storage_options)
     print(json.dumps({"exported": count, "to": target, "format": args.format}))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from refed_ray.config import load_config
+    from refed_ray.views import refresh
+
+    print(refresh(args.output, load_config(args.config, {}).storage_options if args.config else None, args.samples))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 - refed-json: one JSON list of REFED rows (the released REFED file's shape);
 - jsonl: ``{"instruction", "response"}`` per line, the response being the refined one;
-- sharegpt: ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` per line.
+- sharegpt: ``{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}`` per line;
+- messages: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` per line (the
+  conversational format TRL's SFTTrainer and axolotl's chat templates take as is).
 
 It brings OUTPUT/dataset up to date first, with the settings the run recorded in ``run.json``:
 the current dedup commit (computed when the one left is stale: after a crash in a top-up round,
@@ -39,6 +41,11 @@ def _jsonl(row: dict) -> dict:
     return {"instruction": row["instruction"], "response": row["improved_response"]}
 
 
+def _messages(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["instruction"]},
+                         {"role": "assistant", "content": row["improved_response"]}]}
+
+
 def _sharegpt(row: dict) -> dict:
     return {
         "conversations": [
@@ -49,7 +56,9 @@ def _sharegpt(row: dict) -> dict:
 
 
 # A format: how a REFED row becomes one JSON value, and whether the values form one JSON list.
-CONVERTERS: dict[str, Callable[[dict], dict]] = {"refed-json": _refed, "jsonl": _jsonl, "sharegpt": _sharegpt}
+CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "refed-json": _refed, "jsonl": _jsonl, "sharegpt": _sharegpt, "messages": _messages,
+}
 JSON_LIST_FORMATS = {"refed-json"}
 FORMATS = tuple(CONVERTERS)
 
@@ -62,11 +71,11 @@ def export(
         raise UserError(f"{output} holds no refed-ray run (no run.json)")
     if fmt not in CONVERTERS:
         raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
     if not ray.is_initialized():
         ray.init()
     run_config = storage.read_json("run.json")["config"]
     dedup_config = DedupConfig.model_validate(run_config["dedup"])
-    log = CommitLog(storage)
     deduplicate(storage, log, dedup_config)
     manifest = compact_dataset(storage, log, file_mb or run_config["dataset_file_mb"], max_rows=run_config["num_samples"],
                                dropped=dropped_keys(storage, log, dedup_config))

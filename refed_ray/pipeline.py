@@ -34,6 +34,7 @@ from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
+from refed_ray.views import write_views_after_run
 from refed_ray.workers import MISCONFIGURED, OUTAGE, FeedbackWorker, SynthesisWorker
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         this_run=this_run, wall_seconds=time.time() - started, quality=quality,
     )
     storage.write_json("report.json", report)
+    write_views_after_run(storage, report)  # report.html and the dataset card
     return report
 
 

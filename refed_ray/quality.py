@@ -47,26 +47,31 @@ def data_quality(storage: Storage, dataset_files: list[str], references: list[Re
 
 
 def _sample(storage: Storage, files: list[str]) -> list[dict[str, str]]:
-    """About ``SAMPLE_ROWS`` rows spread over the dataset: from up to ``SAMPLE_GROUPS`` row groups
+    return sample_rows(storage, files, SAMPLE_COLUMNS, SAMPLE_ROWS, SAMPLE_GROUPS)
+
+
+def sample_rows(storage: Storage, files: list[str], columns: list[str], max_rows: int,
+                max_groups: int = SAMPLE_GROUPS) -> list[dict]:
+    """About ``max_rows`` rows spread over the dataset: from up to ``max_groups`` row groups
     spaced evenly across its files, evenly spaced rows of each. Memory holds one row group (see
     ``dataset.ROWS_PER_GROUP``) at a time, and only the picked rows become Python objects: a
     dataset file whole would take gigabytes as dicts."""
-    picked_files = [files[i] for i in _spread(len(files), SAMPLE_GROUPS)]
-    groups_per_file = -(-SAMPLE_GROUPS // max(1, len(picked_files)))
+    picked_files = [files[i] for i in _spread(len(files), max_groups)]
+    groups_per_file = -(-max_groups // max(1, len(picked_files)))
     # Footers first, to share the rows among the groups; then one open file at a time (an
     # object store's file handle keeps a read-ahead buffer until it closes).
     picked: list[tuple[str, list[int]]] = []
     for name in picked_files:
         with storage.parquet_file(name) as parquet:
             picked.append((name, _spread(parquet.num_row_groups, groups_per_file)))
-    rows_per_group = -(-SAMPLE_ROWS // max(1, sum(len(groups) for _, groups in picked)))
-    rows: list[dict[str, str]] = []
+    rows_per_group = -(-max_rows // max(1, sum(len(groups) for _, groups in picked)))
+    rows: list[dict] = []
     for name, groups in picked:
         with storage.parquet_file(name) as parquet:
             for group in groups:
-                table = parquet.read_row_group(group, columns=SAMPLE_COLUMNS)
+                table = parquet.read_row_group(group, columns=columns)
                 rows += table.take(_spread(table.num_rows, rows_per_group)).to_pylist()
-    return rows[:SAMPLE_ROWS]
+    return rows[:max_rows]
 
 
 def _spread(total: int, count: int) -> list[int]:
@@ -91,9 +96,14 @@ def _mean_similarity(texts: list[str], ngram: int, seed: int) -> float:
     return round(float(np.mean([jaccard(texts[a], texts[b], ngram) for a, b in pairs])), 3)
 
 
+def token_lengths(texts: list[str]) -> list[int]:
+    """Lengths in this module's tokens (words and punctuation marks)."""
+    return [len(_TOKEN.findall(t)) for t in texts]
+
+
 def _percentiles(texts: list[str]) -> dict[str, float]:
     if not texts:
         return {"p10": 0, "p50": 0, "p90": 0}
-    lengths = [len(_TOKEN.findall(t)) for t in texts]
+    lengths = token_lengths(texts)
     p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
     return {"p10": float(p10), "p50": float(p50), "p90": float(p90)}

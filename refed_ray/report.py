@@ -176,4 +176,5 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(
         f"  this run: {run['wall_seconds']} s, {run['completion_tokens_per_second']} tokens/s generated"
     )
+    lines.append(f"  look at: {report['output']}/report.html (charts, samples), {report['output']}/dataset/README.md (card)")
     return "\n".join(lines)

@@ -57,6 +57,8 @@ def test_run_resume_and_export_on_s3(bucket, tmp_path):
     for folder in ("feedback", "plan", "data", "_index", "dataset"):
         assert storage.list(folder), folder
     assert storage.read_json("report.json")["samples"] == 12
+    assert b"Content-Security-Policy" in storage.read_bytes("report.html")  # the page and card, on S3 too
+    assert storage.read_bytes("dataset/README.md").startswith(b"---\nlicense: other")
 
     again = run(config.model_copy(update={"num_samples": 24}))
     assert again["units"] == {"planned": 8, "committed": 8, "resumed": 4, "this_run": 4, "retried": 0, "rejected": 0}
