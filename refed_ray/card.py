@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from refed_ray.dataset import read_manifest
+from refed_ray.dataset import dataset_files
 from refed_ray.storage import Storage
 
 CARD = "dataset/README.md"
@@ -44,7 +44,7 @@ def card_header(storage: Storage, report: dict[str, Any]) -> dict[str, Any]:
     # One config. The messages export is not a second one: `datasets` reads every config of a
     # folder with the one builder its files' format picks (Parquet here), so a JSONL config fails.
     configs = [{"config_name": "default", "default": True,
-                "data_files": [{"split": "train", "path": [_in_dataset(f) for f in _dataset_files(storage)]}]}]
+                "data_files": [{"split": "train", "path": [_in_dataset(f) for f in dataset_files(storage)]}]}]
     return {
         "license": "other",  # a placeholder: the publisher sets it (see the card's "License")
         "pretty_name": _title(report),
@@ -139,9 +139,6 @@ def _quality(quality: dict[str, Any] | None) -> str:
 def _title(report: dict[str, Any]) -> str:
     return f"REFED-style instruction data from {report['model']}"
 
-
-def _dataset_files(storage: Storage) -> list[str]:
-    return (read_manifest(storage) or {}).get("files", [])
 
 
 def _in_dataset(name: str) -> str:

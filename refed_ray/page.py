@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from refed_ray.commits import Commit, CommitLog
-from refed_ray.dataset import read_manifest
+from refed_ray.dataset import dataset_files
 from refed_ray.plan import read_plan
 from refed_ray.quality import sample_rows, token_lengths
 from refed_ray.storage import Storage
@@ -59,14 +59,14 @@ def write_page(storage: Storage, report: dict[str, Any]) -> str:
 def page_data(storage: Storage, report: dict[str, Any]) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready values."""
     committed = CommitLog(storage)
-    dataset_files = (read_manifest(storage) or {}).get("files", [])
-    samples = sample_rows(storage, dataset_files, SAMPLE_COLUMNS, PAGE_SAMPLES, PAGE_GROUPS)
+    files = dataset_files(storage)
+    samples = sample_rows(storage, files, SAMPLE_COLUMNS, PAGE_SAMPLES, PAGE_GROUPS)
     references = _references(storage, committed)
     shown = {s["reference_id"] for s in samples}
     return {
         "report": report,
         "lengths": _lengths(samples, references),
-        "yield": _yield_per_reference(storage, dataset_files, report["plan"]["instructions_per_unit"]),
+        "yield": _yield_per_reference(storage, files, report["plan"]["instructions_per_unit"]),
         "throughput": throughput(committed.commits["synthesis"].values()),
         "samples": samples,
         "references": {r["reference_id"]: r for r in references if r["reference_id"] in shown},
@@ -173,13 +173,13 @@ def histogram(series: dict[str, list[int]]) -> dict[str, Any]:
     return {"labels": labels, "series": out}
 
 
-def _yield_per_reference(storage: Storage, dataset_files: list[str], k: int) -> dict[str, list]:
+def _yield_per_reference(storage: Storage, files: list[str], k: int) -> dict[str, list]:
     """Per reference: samples planned (its units x K) and delivered (rows of the dataset),
     sorted by yield. Reads one column, a batch at a time, dictionary-encoded."""
     plan = read_plan(storage, columns=["reference_id"])
     planned = {row["values"]: row["counts"] * k for row in pc.value_counts(plan["reference_id"]).to_pylist()}
     delivered: Counter[str] = Counter()
-    for name in dataset_files:
+    for name in files:
         with storage.parquet_file(name) as parquet:
             for batch in parquet.iter_batches(columns=["reference_id"]):
                 delivered.update({row["values"]: row["counts"]

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from refed_ray.commits import CommitLog, commit_shard, find_commit, shard_name, start_attempt
+from refed_ray.dataset import dataset_files
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.output import KNOWN, RUN_FILE, check_output, start_output
 from refed_ray.pipeline import run
@@ -125,8 +126,7 @@ def test_a_commit_of_a_discarded_run_is_ignored_and_removed(tmp_path):
     assert again["units"]["this_run"] == len(lost.ids)  # the shard was redone, not adopted
     assert again["samples"] == again["delivered"] == 18 and again["all_planned_samples_accounted"]
     assert unit_samples(storage) == planned_samples(storage, 3)
-    dataset = [r for f in storage.list("dataset") if f.endswith(".parquet")
-               for r in storage.read_table(f).to_pylist()]
+    dataset = [r for f in dataset_files(storage) for r in storage.read_table(f).to_pylist()]
     assert len(dataset) == 18 and not [r for r in dataset if r["instruction"].startswith("ZOMBIE")]
     assert not storage.exists(zombie_file)
     assert not storage.exists(f"_markers/synthesis/{lost.shard}.zombie000000.json")
