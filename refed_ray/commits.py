@@ -24,6 +24,7 @@ read a few objects and a few listings, not one object per shard.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 
 import pyarrow as pa
@@ -36,7 +37,7 @@ PASSES = ("seeds", "feedback", "synthesis", "dedup")
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),
-     ("files", pa.list_(pa.string())), ("stats", pa.string())]
+     ("files", pa.list_(pa.string())), ("stats", pa.string()), ("committed_at", pa.float64())]
 )
 
 
@@ -50,6 +51,7 @@ class Commit(BaseModel):
     files: list[str]
     stats: ShardStats = Field(default_factory=ShardStats)
     attempt: int = 1  # > 1: the shard's work started more than once (an actor died, a run stopped)
+    committed_at: float = 0.0  # epoch seconds on the committing worker; 0: committed before this was recorded
 
     @property
     def marker(self) -> str:
@@ -78,7 +80,7 @@ def commit_shard(
             storage.write_table(relative, table)
             files.append(relative)
     commit = Commit(pass_name=pass_name, shard=shard, token=token, ids=sorted(ids), files=files,
-                    stats=stats, attempt=attempt)
+                    stats=stats, attempt=attempt, committed_at=time.time())
     storage.write_bytes(commit.marker, commit.model_dump_json().encode())
     return commit
 
@@ -162,7 +164,7 @@ class CommitLog:
     def write_index(self, pass_name: str) -> None:
         """Absorb the pass's markers into its index (one object), then delete them."""
         commits = sorted(self.commits[pass_name].values(), key=lambda c: c.shard)
-        rows = [{**c.model_dump(include={"shard", "token", "attempt", "ids", "files"}),
+        rows = [{**c.model_dump(include={"shard", "token", "attempt", "ids", "files", "committed_at"}),
                  "stats": c.stats.model_dump_json()} for c in commits]
         self.storage.write_table(f"_index/{pass_name}.parquet", pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
         absorbed = set(self.storage.list(f"_markers/{pass_name}")) & {c.marker for c in commits}
