@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.dedup import accepted_samples
 from refed_ray.errors import UserError
 from refed_ray.instructions import instruction_messages
 from refed_ray.output import RUN_FILE
@@ -36,6 +35,7 @@ from refed_ray.records import CHARS_PER_TOKEN, Feedback, Reference, WorkUnit
 from refed_ray.report import _cost
 from refed_ray.sizing import GPUS, describe_shape, gpu_estimate, model_shape
 from refed_ray.stats import STAGES, StageStats, empty_stats, merge
+from refed_ray.status import kept_samples, pass_totals
 from refed_ray.storage import Storage
 
 CALLS_PER_REFERENCE = 2  # feedback: one call on the instruction, one on the response
@@ -59,7 +59,7 @@ def plan_run(
     k = config.instructions_per_aspect
     calls = {"feedback": CALLS_PER_REFERENCE * len(feedback_todo), "instructions": units.num_rows,
              "responses": units.num_rows * k, "refinement": units.num_rows * k}
-    samples_done = accepted_samples(committed) if committed else 0
+    samples_done = kept_samples(pass_totals(committed)) if committed else 0
     samples_to_go = max(0, config.num_samples - samples_done)
     if pilot:
         tokens = _tokens_from_pilot(pilot, config, samples_to_go, len(feedback_todo))
@@ -161,11 +161,11 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
     storage = Storage(uri, config.storage_options)
     if not storage.exists(RUN_FILE):
         raise UserError(f"--pilot {uri} holds no refed-ray run ({RUN_FILE})")
-    pilot = CommitLog(storage)
+    totals = pass_totals(CommitLog(storage))
     stages = empty_stats()
-    for pass_name in pilot.commits:
-        merge(stages, pilot.stats(pass_name).stages)
-    accepted = accepted_samples(pilot)
+    for stats in totals.values():
+        merge(stages, stats.stages)
+    accepted = kept_samples(totals)
     references = stages["feedback"].rows_in
     if not accepted:
         raise UserError(f"--pilot {uri} has no accepted sample yet: wait for its first shards to commit")

@@ -26,12 +26,11 @@ from pydantic import ValidationError
 
 from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig, format_validation_error
-from refed_ray.dedup import accepted_samples
 from refed_ray.errors import UserError
 from refed_ray.output import RUN_FILE
 from refed_ray.plan import summarize, units_needed
 from refed_ray.report import _cost
-from refed_ray.stats import empty_stats, merge
+from refed_ray.stats import ShardStats, empty_stats, merge
 from refed_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -143,6 +142,16 @@ def read_status(storage: Storage, now: float | None = None) -> dict[str, Any]:
                 raise
 
 
+def pass_totals(committed: CommitLog) -> dict[str, ShardStats]:
+    """Each pass's summed counters, as report.json sums them."""
+    return {pass_name: committed.stats(pass_name) for pass_name in committed.commits}
+
+
+def kept_samples(totals: dict[str, ShardStats]) -> int:
+    """Samples committed by synthesis, less the ones dedup dropped (``pass_totals``)."""
+    return totals["synthesis"].samples - totals["dedup"].lost_samples
+
+
 def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
     times = _top_level_times(storage)
     if RUN_FILE not in times:
@@ -155,14 +164,14 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
     k = config.instructions_per_aspect
     synthesis = list(committed.commits["synthesis"].values())
     units_planned = plan.units if plan else 0
+    totals = pass_totals(committed)
     progress = progress_figures(
         synthesis, units_planned=units_planned, k=k, target=config.num_samples, started=clock.started,
-        now=clock.end, dropped=committed.stats("dedup").lost_samples,
+        now=clock.end, dropped=totals["dedup"].lost_samples,
     )
     stages = empty_stats()
     reasons: dict[str, int] = {}
-    for pass_name in committed.commits:
-        stats = committed.stats(pass_name)
+    for stats in totals.values():
         merge(stages, stats.stages)
         for reason, count in stats.reject_reasons.items():
             reasons[reason] = reasons.get(reason, 0) + count
@@ -176,7 +185,7 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
         "last_activity_age_s": round(clock.quiet_for, 1),
         "looks_alive": clock.state == "running",
         "num_samples": config.num_samples,
-        "samples": accepted_samples(committed),
+        "samples": kept_samples(totals),
         "passes": {
             "feedback": {
                 "shards_committed": len(committed.commits["feedback"]),
@@ -188,17 +197,17 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
                 "shards_planned": plan.shards if plan else None,
                 "units_committed": progress.units_done,
                 "units_planned": units_planned,
-                "samples_committed": committed.stats("synthesis").samples,
+                "samples_committed": totals["synthesis"].samples,
                 "samples_planned": units_planned * k,
             },
             "dedup": {"enabled": config.dedup.enabled, "done": bool(committed.commits["dedup"]),
-                      "dropped": committed.stats("dedup").lost_samples},
+                      "dropped": totals["dedup"].lost_samples},
         },
         "samples_per_hour": {"last_10_min": progress.samples_per_hour_recent, "run": progress.samples_per_hour},
         "eta_seconds": None if progress.eta_seconds is None else round(progress.eta_seconds),
         "yield": progress.yield_,
         "rejects": {
-            "samples_lost": sum(committed.stats(p).lost_samples for p in committed.commits),
+            "samples_lost": sum(stats.lost_samples for stats in totals.values()),
             "by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         },
         # Work started more than once: an engine died (or a run stopped) while the shard ran.
