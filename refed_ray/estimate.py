@@ -35,7 +35,7 @@ from refed_ray.records import CHARS_PER_TOKEN, Feedback, Reference, WorkUnit
 from refed_ray.report import _cost
 from refed_ray.sizing import GPUS, describe_shape, gpu_estimate, model_shape
 from refed_ray.stats import STAGES, StageStats, empty_stats, merge
-from refed_ray.status import kept_samples, pass_totals
+from refed_ray.status import kept_samples, pass_totals, run_config
 from refed_ray.storage import Storage
 
 CALLS_PER_REFERENCE = 2  # feedback: one call on the instruction, one on the response
@@ -175,7 +175,7 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         by_stage[stage] = {"prompt_tokens": round(stats.prompt_tokens * scale),
                            "completion_tokens": round(stats.completion_tokens * scale)}
         calls[stage] = round(stats.calls * scale)
-    pilot_model = RunConfig.model_validate(storage.read_json(RUN_FILE)["config"]).model_name()
+    pilot_model = run_config(storage).model_name()
     return {
         "source": "pilot",
         "pilot": {"output": uri, "model": pilot_model, "accepted_samples": accepted, "feedback_references": references,

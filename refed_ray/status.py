@@ -156,7 +156,7 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
     times = _top_level_times(storage)
     if RUN_FILE not in times:
         raise UserError(f"{storage.uri} holds no refed-ray run ({RUN_FILE})")
-    config = _run_config(storage)
+    config = run_config(storage)
     committed = CommitLog(storage)
     plan_files = storage.list("plan")
     plan = summarize(storage, plan_files) if plan_files else None
@@ -272,7 +272,8 @@ def _modified(entry: dict[str, Any]) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
-def _run_config(storage: Storage) -> RunConfig:
+def run_config(storage: Storage) -> RunConfig:
+    """The config of the run in OUTPUT (run.json's, secrets masked)."""
     try:
         return RunConfig.model_validate(storage.read_json(RUN_FILE)["config"])
     except ValidationError as err:
