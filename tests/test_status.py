@@ -194,8 +194,9 @@ def test_an_index_written_before_commit_times_still_loads(tmp_path):
     storage = Storage(str(tmp_path))
     storage.write_bytes("data/synthesis-a.t.parquet", b"x")
     old_schema = pa.schema([field for field in INDEX_SCHEMA if field.name != "committed_at"])
-    row = {"shard": "synthesis-a", "token": "t", "attempt": 1, "ids": ["u1"], "files": ["data/synthesis-a.t.parquet"],
-           "stats": ShardStats(samples=3).model_dump_json()}
+    commit = Commit(pass_name="synthesis", shard="synthesis-a", token="t", ids=["u1"],
+                    files=["data/synthesis-a.t.parquet"], stats=ShardStats(samples=3))
+    row = {**commit.model_dump(include=set(old_schema.names)), "stats": commit.stats.model_dump_json()}
     storage.write_table("_index/synthesis.parquet", pa.Table.from_pylist([row], schema=old_schema))
     (loaded,) = CommitLog(storage).commits["synthesis"].values()
     assert loaded.committed_at == 0 and loaded.stats.samples == 3
