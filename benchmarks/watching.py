@@ -2,12 +2,15 @@
 
     python benchmarks/watching.py demo                              # jobs/demo.yaml with the fake teacher
     python benchmarks/watching.py scale --pilot 10000 --size 100000 # zero-cost teacher, 1,000 references
+    python benchmarks/watching.py rejects --pilot 60 --size 600     # fake teacher, 20% of refinements invalid
     python benchmarks/watching.py status /tmp/refed-watching/out-100000   # S3 requests of a status read
 
 ``demo``: the plan of jobs/demo.yaml (the config's budgets: an upper bound) against a run of it
 with the fake teacher (tests/fake_engine.py), calls and tokens by stage.
 ``scale``: benchmarks/scale.py's zero-cost teacher: a pilot of ``--pilot`` samples, then the plan
 of ``--size`` samples from that pilot (and from the budgets), then the run of ``--size``.
+``rejects``: the fake teacher with 20% of refinement replies always invalid (retried, then rejected,
+then topped up), the bundled 40 references, K=3: a pilot, then the plan from it, then the run.
 ``status``: OUTPUT copied into a bucket on moto's S3 server (loopback), then one status read:
 its S3 requests, counted where s3fs makes them.
 """
@@ -85,6 +88,31 @@ def scale(workdir: Path, pilot_size: int, size: int, engines: int, cpus: int) ->
     compare(from_budgets, report, f"N = {size:,}, zero-cost teacher, bounded by the budgets")
 
 
+def rejects(workdir: Path, pilot_size: int, size: int) -> None:
+    import ray
+
+    from refed_ray.config import RunConfig
+    from refed_ray.estimate import plan_run
+    from refed_ray.pipeline import run
+
+    def config(output: Path, num_samples: int) -> RunConfig:
+        return RunConfig.model_validate({
+            "output": str(output), "num_samples": num_samples, "instructions_per_aspect": 3,
+            "engine": {"kind": "custom", "class_path": "tests.fake_engine:FakeEngine",
+                       "engine_kwargs": {"invalid_rate": {"Refinement": 0.2}}},
+            "workers": {"num_engines": 2, "units_per_shard": 4}})
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    run(config(workdir / "pilot", pilot_size))
+    estimate = plan_run(config(workdir / "run", size), pilot=str(workdir / "pilot"))
+    report = run(config(workdir / "run", size))
+    compare(estimate, report, f"N = {size:,}, fake teacher, 20% of refinements invalid, from a {pilot_size}-sample pilot")
+    expected = estimate["tokens"]["calls_expected"]
+    print(f"  calls expected from the pilot (retries and top-ups included): {expected['total']:,}; "
+          f"run: {sum(report['stages'][s]['calls'] for s in STAGES):,} "
+          f"({report['plan']['extra_units']} extra units, {report['rejects']['samples_lost']} samples lost)")
+
+
 def status_requests(output: Path) -> None:
     """Copy OUTPUT into moto's S3 server, then count the requests of one status read."""
     from moto.server import ThreadedMotoServer
@@ -127,7 +155,7 @@ def status_requests(output: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["demo", "scale", "status"])
+    parser.add_argument("what", choices=["demo", "scale", "rejects", "status"])
     parser.add_argument("output", nargs="?", help="status: a finished or running OUTPUT on this machine")
     parser.add_argument("--pilot", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=100_000)
@@ -143,6 +171,8 @@ def main() -> int:
     workdir.mkdir(parents=True)
     if args.what == "demo":
         demo(workdir)
+    elif args.what == "rejects":
+        rejects(workdir, args.pilot, args.size)
     else:
         scale(workdir, args.pilot, args.size, args.engines, args.cpus)
     return 0
