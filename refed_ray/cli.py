@@ -1,4 +1,4 @@
-"""The ``refed-ray`` command: run, prepare-model, export, report."""
+"""The ``refed-ray`` command: run, plan, status, prepare-model, export, report."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from refed_ray.sizing import GPUS
+
     parser = argparse.ArgumentParser(prog="refed-ray", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -36,6 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="collect feedback, plan and synthesize")
     add_run_arguments(run)
     run.set_defaults(handler=_run)
+
+    plan = commands.add_parser("plan", parents=[common], help="check a run and estimate its work and cost; starts nothing")
+    add_run_arguments(plan)
+    plan.add_argument("--pilot", metavar="OUTPUT", help="a finished or running pilot run: its measured tokens per sample")
+    plan.add_argument("--gpu", choices=list(GPUS),
+                      help="vLLM engines: the GPU to estimate for (default: every one of these)")
+    plan.add_argument("--model-params", type=float, metavar="N",
+                      help="vLLM engines: the teacher's parameters, e.g. 8e9 (default: from a local model's config.json)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
+
+    status = commands.add_parser("status", parents=[common], help="where a run in OUTPUT stands, while it runs or after")
+    status.add_argument("output", help="a run's OUTPUT URI")
+    status.add_argument("--watch", type=float, metavar="S", help="print again every S seconds until the run finishes")
+    status.add_argument("--json", action="store_true", help="print the status as JSON (one line a read with --watch)")
+    status.add_argument("--config", help="a YAML config, for its storage_options")
+    status.set_defaults(handler=_status)
 
     prepare = commands.add_parser("prepare-model", parents=[common], help="convert the embedded default model once")
     prepare.set_defaults(handler=_prepare_model)
@@ -75,11 +94,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    from refed_ray.config import load_config
     from refed_ray.pipeline import run
     from refed_ray.report import summary
 
-    config = load_config(
+    report = run(config_from_args(args), force_new=args.force_new)
+    print(summary(report))
+    return report
+
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig of ``run``'s flags (``add_run_arguments``) over its ``--config`` file."""
+    from refed_ray.config import load_config
+
+    return load_config(
         args.config,
         {
             "seeds": args.seeds,
@@ -95,14 +122,46 @@ def run_from_args(args: argparse.Namespace) -> dict:
             "workers.num_engines": args.num_engines,
         },
     )
-    report = run(config, force_new=args.force_new)
-    print(summary(report))
-    return report
 
 
 def _run(args: argparse.Namespace) -> int:
     run_from_args(args)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from refed_ray.errors import UserError
+    from refed_ray.estimate import describe, plan_run
+
+    if args.model_params is not None and not args.model_params > 0:
+        raise UserError(f"--model-params must be a positive number of parameters, e.g. 8e9 (got {args.model_params:g})")
+    estimate = plan_run(config_from_args(args), force_new=args.force_new, pilot=args.pilot, gpu=args.gpu,
+                        model_params=args.model_params)
+    print(json.dumps(estimate, indent=2) if args.json else describe(estimate))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from refed_ray.config import load_config
+    from refed_ray.errors import UserError
+    from refed_ray.status import describe, read_status
+    from refed_ray.storage import Storage
+
+    if args.watch is not None and not args.watch > 0:
+        raise UserError(f"--watch takes a positive number of seconds (got {args.watch:g})")
+    storage_options = load_config(args.config, {}).storage_options if args.config else None
+    storage = Storage(args.output, storage_options)
+    try:
+        while True:
+            status = read_status(storage)
+            print(json.dumps(status, indent=None if args.watch else 2) if args.json else describe(status), flush=True)
+            if not args.watch or status["state"] == "finished":
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _prepare_model(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -64,7 +65,8 @@ PASSES = ("seeds", "feedback", "synthesis", "dedup")
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),
-     ("files", pa.list_(pa.string())), ("stats", pa.string()), ("run_id", pa.string())]
+     ("files", pa.list_(pa.string())), ("stats", pa.string()), ("run_id", pa.string()),
+     ("committed_at", pa.float64())]
 )
 
 
@@ -79,6 +81,7 @@ class Commit(BaseModel):
     stats: ShardStats = Field(default_factory=ShardStats)
     attempt: int = 1  # > 1: the shard's work started more than once (an actor died, a run stopped)
     run_id: str = ""  # the run it worked for (run.json); "" for outputs written before runs had ids
+    committed_at: float = 0.0  # epoch seconds on the committing worker; 0: committed before this was recorded
 
     @property
     def marker(self) -> str:
@@ -127,7 +130,7 @@ def commit_shard(
             storage.write_table(relative, table)
             files.append(relative)
     commit = Commit(pass_name=pass_name, shard=shard, token=token, ids=sorted(ids), files=files,
-                    stats=stats, attempt=attempt, run_id=run_id)
+                    stats=stats, attempt=attempt, run_id=run_id, committed_at=time.time())
     storage.write_bytes(commit.marker, commit.model_dump_json().encode())
     return commit
 
@@ -236,7 +239,7 @@ class CommitLog:
     def write_index(self, pass_name: str) -> None:
         """Absorb the pass's markers into its index (one object), then delete them."""
         commits = sorted(self.commits[pass_name].values(), key=lambda c: c.shard)
-        rows = [{**c.model_dump(include={"shard", "token", "attempt", "ids", "files", "run_id"}),
+        rows = [{**c.model_dump(include={"shard", "token", "attempt", "ids", "files", "run_id", "committed_at"}),
                  "stats": c.stats.model_dump_json()} for c in commits]
         self.storage.write_table(f"_index/{pass_name}.parquet", pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
         absorbed = set(self.storage.list(f"_markers/{pass_name}")) & {c.marker for c in commits}

@@ -126,7 +126,7 @@ def _commit_time(commit: Commit) -> float | None:
     moment = getattr(commit, "committed_at", None)
     if isinstance(moment, str):
         return datetime.fromisoformat(moment).timestamp()
-    return float(moment) if moment is not None else None
+    return float(moment) if moment else None  # 0: committed before times were recorded
 
 
 def _references(storage: Storage, committed: CommitLog) -> list[dict[str, str]]:

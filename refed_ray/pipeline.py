@@ -33,12 +33,14 @@ from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
 from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import ShardStats
+from refed_ray.status import ProgressLog
 from refed_ray.storage import Storage
 from refed_ray.views import write_views_after_run
 from refed_ray.workers import MISCONFIGURED, OUTAGE, FeedbackWorker, SynthesisWorker
 
 log = logging.getLogger(__name__)
 INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
+PROGRESS_EVERY_S = 60  # how often the driver logs its progress line
 
 
 @dataclass
@@ -54,19 +56,38 @@ class PassResult:
         return self
 
 
-def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
-    started = time.time()
+@dataclass
+class Preflight:
+    """What a run checked and read before Ray starts."""
+
+    storage: Storage
+    seeds: SeedSet
+    fingerprint: dict[str, str]
+    resumed: bool
+    secrets: dict[str, str]
+
+
+def preflight(config: RunConfig, force_new: bool = False) -> Preflight:
+    """Every check a run makes before Ray starts (``refed-ray plan`` makes the same): every user
+    error surfaces here, before anything is written (the write probe is deleted at once) or any
+    model loads."""
     storage = Storage(config.output, config.storage_options)
-    # Every user error surfaces here, before anything is written or any model loads.
     storage.check_writable()
     _check_engine(config)
     secrets = _engine_secrets(config)
     seeds = read_seeds(config.seeds, config.max_bad_seeds, config.seeds_options())
     fingerprint = run_fingerprint(config, seeds)
     resumed = check_output(storage, config, fingerprint, force_new)
+    return Preflight(storage, seeds, fingerprint, resumed, secrets)
+
+
+def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
+    started = time.time()
+    checked = preflight(config, force_new)
+    storage, seeds, resumed = checked.storage, checked.seeds, checked.resumed
     _connect_ray()
     refuse_local_output_on_cluster(storage, config)
-    run_id = start_output(storage, config, fingerprint, force_new)
+    run_id = start_output(storage, config, checked.fingerprint, force_new)
 
     committed = CommitLog(storage)
     committed.remove_leftovers()
@@ -85,7 +106,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
     engine_args = {
         "config_json": worker_config.model_dump_json(),
-        "secrets": [ray.put(secrets)],
+        "secrets": [ray.put(checked.secrets)],
         # Commits carry the run's id; engine deaths count per driver process ("submission"): commits.py.
         "run_id": run_id,
         "submission": uuid.uuid4().hex[:12],
@@ -173,7 +194,8 @@ def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, r
 
 
 def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict) -> PassResult:
-    blocks = pending_shards(read_plan(storage), set(committed.commits["synthesis"]))
+    plan = read_plan(storage)
+    blocks = pending_shards(plan, set(committed.commits["synthesis"]))
     if not blocks:
         return PassResult()
     log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(committed.commits["synthesis"]))
@@ -181,7 +203,10 @@ def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, e
     dataset = ray.data.from_arrow(blocks).map_batches(
         SynthesisWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, len(blocks))
     )
-    return _drain(dataset, committed, "synthesis")
+    # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
+    with ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
+                     target=config.num_samples, every_s=PROGRESS_EVERY_S):
+        return _drain(dataset, committed, "synthesis")
 
 
 def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
@@ -213,7 +238,9 @@ def _drain(dataset, committed: CommitLog, pass_name: str) -> PassResult:
     """Run a pass to the end, absorbing its commits into the index as they come."""
     result, started, unindexed = PassResult(), time.time(), 0
     try:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        # No prefetch: Ray Data's prefetcher holds each finished block back until the next one
+        # comes, so the driver (its index, its progress line) would learn of a commit a shard late.
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             for line in batch.column("commit").to_pylist():
                 commit = Commit.model_validate_json(line)
                 committed.add(commit)

@@ -24,7 +24,11 @@ reproducible. ``engine_kwargs`` inject faults:
   first likewise (a near-duplicate within the unit);
 - ``die_writing``: ``{"file": path, "folder": "data"}``: while the file exists, the actor's first
   write into that output folder stops half way through its staging file and kills the process
-  (a node lost in the middle of committing a shard).
+  (a node lost in the middle of committing a shard);
+- ``hold``: ``{"marker": text, "schema": title, "release_file": path}``: a call whose prompt
+  contains the marker and whose schema has that title waits until the file exists (a run paused
+  at a known point: the shards holding such calls cannot commit before the release);
+- ``loads_log``: a file each engine construction appends its pid to (engine loads).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class FakeEngine(Engine):
         self.options = config.engine_kwargs
         if "die_writing" in self.options:
             _die_in_the_middle_of_a_write(**self.options["die_writing"])
+        if "loads_log" in self.options:
+            with open(self.options["loads_log"], "a") as handle:
+                handle.write(f"{os.getpid()}\n")
 
     async def complete(self, request: ChatRequest) -> Completion:
         prompt = request.messages[-1]["content"]
@@ -59,6 +66,10 @@ class FakeEngine(Engine):
         if _take(self.options.get("hang_file", "")):
             await asyncio.Event().wait()
         await asyncio.sleep(self.options.get("delay", 0.0))
+        hold = self.options.get("hold")
+        if hold and hold["marker"] in prompt and request.json_schema.get("title") == hold["schema"]:
+            while not os.path.exists(hold["release_file"]):
+                await asyncio.sleep(0.05)
         if self.options.get("reject_marker", "\0") in prompt:
             raise RequestRejected("prompt of 99999 tokens does not fit the context window of 4096 tokens")
         if self._always_invalid(prompt, request.json_schema.get("title", "")):

@@ -1,0 +1,371 @@
+"""Where a run stands, from OUTPUT alone: ``refed-ray status`` and the driver's progress line.
+
+``read_status`` needs nothing but read access to OUTPUT (a laptop and the bucket), while a job
+writes into it or after. It reads what a run start reads, whatever the number of shards: one
+listing of OUTPUT's top level (run.json's and report.json's times), run.json, the plan's parts
+(one object per 100,000 units), and ``CommitLog``'s reads (per pass the index object and one
+listing of its markers, the markers not yet absorbed into the index, and one listing each of
+data/, rejects/ and feedback/). Listings are paginated: one request per 1,000 keys.
+
+Rates come from each commit's ``committed_at``. ``progress_figures`` is the one computation of
+samples, rates, ETA and yield: ``read_status`` and the driver's ``ProgressLog`` both use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import ValidationError
+
+from refed_ray.commits import Commit, CommitLog
+from refed_ray.config import RunConfig, format_validation_error
+from refed_ray.dedup import StaleDedup, current_stats
+from refed_ray.errors import UserError
+from refed_ray.output import RUN_FILE
+from refed_ray.plan import plan_files, summarize, units_needed
+from refed_ray.report import _cost
+from refed_ray.stats import ShardStats, empty_stats, merge
+from refed_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+RECENT_S = 600  # "samples per hour over the last 10 minutes"
+# A commit gap longer than this (or 3 times the run's mean gap, if longer) makes a run look
+# stopped: a call may wait out an outage for workers.outage_patience_s (30 minutes by default).
+QUIET_S = 1800
+READ_TRIES = 3  # a marker absorbed and deleted between its listing and its read: read again
+
+
+@dataclass
+class Progress:
+    """A pass's figures at one moment (samples accepted; before the run's dedup pass)."""
+
+    samples: int  # accepted samples committed
+    target: int  # N
+    units_done: int
+    units_planned: int
+    samples_per_hour_recent: float | None  # over the last RECENT_S seconds (or since ``started``)
+    samples_per_hour: float | None  # since ``started``
+    eta_seconds: float | None  # the plan's remaining units at the recent pace; None: no pace yet
+    yield_: float | None  # accepted per planned sample of the units done
+
+
+def progress_figures(
+    commits: Iterable[Commit], *, units_planned: int, k: int, target: int, started: float, now: float,
+    dropped: int = 0,
+) -> Progress:
+    """Figures of synthesis ``commits``: rates from the commits made since ``started`` (this
+    run: earlier runs' commits count as done, not as pace), ``dropped`` samples (dedup) off."""
+    commits = list(commits)
+    units_done = sum(len(c.ids) for c in commits)
+    samples = sum(c.stats.samples for c in commits) - dropped
+    elapsed = max(now - started, 0.0)
+    this_run = [c for c in commits if c.committed_at >= started]
+    recent = [c for c in this_run if c.committed_at >= now - RECENT_S]
+    window = min(elapsed, RECENT_S)
+    units_left = max(units_planned - units_done, 0)
+    units_per_s = sum(len(c.ids) for c in recent) / window if window else 0.0
+    if units_per_s == 0 and elapsed:  # nothing in the window: the run's pace
+        units_per_s = sum(len(c.ids) for c in this_run) / elapsed
+    return Progress(
+        samples=samples,
+        target=target,
+        units_done=units_done,
+        units_planned=units_planned,
+        samples_per_hour_recent=_per_hour(sum(c.stats.samples for c in recent), window),
+        samples_per_hour=_per_hour(sum(c.stats.samples for c in this_run), elapsed),
+        eta_seconds=0.0 if not units_left else (units_left / units_per_s if units_per_s else None),
+        yield_=round(samples / (units_done * k), 4) if units_done else None,
+    )
+
+
+def _per_hour(count: int, seconds: float) -> float | None:
+    return round(count / seconds * 3600, 1) if seconds > 0 else None
+
+
+def progress_line(progress: Progress) -> str:
+    """The driver's log line, e.g. ``progress: 1,200 of 100,000 samples (units 130 of 10,000),
+    5,400 samples/h over the last 10 min (4,900 over the pass), ETA 3h 12m, yield 0.92``."""
+    return (
+        f"progress: {progress.samples:,} of {progress.target:,} samples (units {progress.units_done:,} of "
+        f"{progress.units_planned:,}), {_rate(progress.samples_per_hour_recent)} samples/h over the last "
+        f"{RECENT_S // 60} min ({_rate(progress.samples_per_hour)} over the pass), ETA "
+        f"{duration(progress.eta_seconds)}, yield {_share(progress.yield_)}"
+    )
+
+
+class ProgressLog:
+    """Logs the synthesis pass's ``progress_line`` every ``every_s`` seconds while it drains, from a
+    thread: a shard can take longer than a minute, so the log cannot wait for commits to come.
+    It reads the ``CommitLog`` the drain loop adds to (a dict copied whole under the GIL)."""
+
+    def __init__(self, committed: CommitLog, *, units_planned: int, k: int, target: int, every_s: float = 60):
+        self.committed, self.every_s = committed, every_s
+        self.plan = {"units_planned": units_planned, "k": k, "target": target}
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="refed-ray-progress", daemon=True)
+
+    def figures(self) -> Progress:
+        commits = list(self.committed.commits["synthesis"].values())
+        return progress_figures(commits, **self.plan, started=self.started, now=time.time())
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            log.info(progress_line(self.figures()))
+
+
+# ---- refed-ray status ----------------------------------------------------------------------
+
+
+def read_status(storage: Storage, now: float | None = None) -> dict[str, Any]:
+    """The run in ``storage``, as ``refed-ray status`` shows it (``--json`` prints this dict)."""
+    for attempt in range(READ_TRIES):
+        try:
+            return _read_status(storage, now)
+        except FileNotFoundError:  # the driver absorbed and deleted a marker as it was read
+            if attempt == READ_TRIES - 1:
+                raise
+
+
+def pass_totals(committed: CommitLog, config: RunConfig) -> dict[str, ShardStats]:
+    """Each pass's summed counters, as report.json sums them: dedup's are the current dedup
+    commit's (none while dedup has not run over the committed synthesis shards)."""
+    totals = {pass_name: committed.stats(pass_name) for pass_name in committed.commits}
+    totals["dedup"] = _current_dedup(committed, config) or ShardStats()
+    return totals
+
+
+def _current_dedup(committed: CommitLog, config: RunConfig) -> ShardStats | None:
+    try:
+        return current_stats(committed, config.dedup) if config.dedup.enabled else None
+    except StaleDedup:  # a pass or a top-up round in progress: dedup comes after it
+        return None
+
+
+def kept_samples(totals: dict[str, ShardStats]) -> int:
+    """Samples committed by synthesis, less the ones dedup dropped (``pass_totals``)."""
+    return totals["synthesis"].samples - totals["dedup"].lost_samples
+
+
+def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
+    times = _top_level_times(storage)
+    if RUN_FILE not in times:
+        raise UserError(f"{storage.uri} holds no refed-ray run ({RUN_FILE})")
+    config = run_config(storage)
+    committed = CommitLog(storage)
+    parts = plan_files(storage)
+    plan = summarize(storage, parts) if parts else None
+    clock = _RunClock.of(times, committed, time.time() if now is None else now)
+    k = config.instructions_per_aspect
+    synthesis = list(committed.commits["synthesis"].values())
+    units_planned = plan.units if plan else 0
+    totals = pass_totals(committed, config)
+    progress = progress_figures(
+        synthesis, units_planned=units_planned, k=k, target=config.num_samples, started=clock.started,
+        now=clock.end, dropped=totals["dedup"].lost_samples,
+    )
+    stages = empty_stats()
+    reasons: dict[str, int] = {}
+    for stats in totals.values():
+        merge(stages, stats.stages)
+        for reason, count in stats.reject_reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return {
+        "output": storage.uri,
+        "model": config.model_name(),
+        "state": clock.state,
+        "started_at": clock.started,
+        "finished_at": clock.finished_at,
+        "last_commit_at": clock.commit_times[-1] if clock.commit_times else None,
+        "last_activity_age_s": round(clock.quiet_for, 1),
+        "looks_alive": clock.state == "running",
+        "num_samples": config.num_samples,
+        "samples": kept_samples(totals),
+        "passes": {
+            "feedback": {
+                "shards_committed": len(committed.commits["feedback"]),
+                "references_committed": len(committed.ids("feedback")),
+                "references_in_plan": len(plan.references_used) if plan else None,
+            },
+            "synthesis": {
+                "shards_committed": len(synthesis),
+                "shards_planned": plan.shards if plan else None,
+                "units_committed": progress.units_done,
+                "units_planned": units_planned,
+                "samples_committed": totals["synthesis"].samples,
+                "samples_planned": units_planned * k,
+            },
+            "dedup": {"enabled": config.dedup.enabled, "done": _current_dedup(committed, config) is not None,
+                      "dropped": totals["dedup"].lost_samples},
+        },
+        "samples_per_hour": {"last_10_min": progress.samples_per_hour_recent, "run": progress.samples_per_hour},
+        "eta_seconds": None if progress.eta_seconds is None else round(progress.eta_seconds),
+        "yield": progress.yield_,
+        "rejects": {
+            "samples_lost": sum(stats.lost_samples for stats in totals.values()),
+            "by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        },
+        # Work started more than once: an engine died (or a run stopped) while the shard ran.
+        "shards_redone": {p: sum(1 for c in committed.commits[p].values() if c.attempt > 1)
+                          for p in ("feedback", "synthesis")},
+        "top_up": _top_up(storage, parts, units_planned, config),
+        "cost": _cost(config, stages),
+    }
+
+
+@dataclass
+class _RunClock:
+    """When the run in OUTPUT started, whether and when it finished, and its commit times."""
+
+    started: float  # run.json's time: each run (re)writes it when it starts
+    finished_at: float | None  # report.json's time, when written by this run
+    commit_times: list[float]  # this run's, sorted
+    now: float
+
+    @classmethod
+    def of(cls, times: dict[str, float], committed: CommitLog, now: float) -> _RunClock:
+        started = times[RUN_FILE]
+        finished_at = times["report.json"] if times.get("report.json", 0) >= started else None
+        every = sorted(c.committed_at for commits in committed.commits.values() for c in commits.values()
+                       if c.committed_at > 0)
+        if finished_at and every and every[-1] < started:
+            started = every[0]  # a copy of a finished output: its objects' times are the copy's
+        return cls(started, finished_at, [t for t in every if t >= started], now)
+
+    @property
+    def end(self) -> float:
+        """Rates are taken up to now, or to the last commit of a finished run."""
+        if self.finished_at is None:
+            return self.now
+        return self.commit_times[-1] if self.commit_times else self.started
+
+    @property
+    def quiet_for(self) -> float:
+        return self.now - (self.commit_times[-1] if self.commit_times else self.started)
+
+    @property
+    def state(self) -> str:
+        """finished; running; or quiet: no commit for longer than QUIET_S and 3 mean gaps."""
+        if self.finished_at is not None:
+            return "finished"
+        times = self.commit_times
+        mean_gap = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        return "running" if self.quiet_for <= max(QUIET_S, 3 * mean_gap) else "quiet"
+
+
+def _top_level_times(storage: Storage) -> dict[str, float]:
+    """Modification times (epoch seconds) of the files at OUTPUT's top level: one listing."""
+    try:
+        entries = storage.fs.ls(storage.root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: _modified(e) for e in entries if e.get("type") != "directory"}
+
+
+def _modified(entry: dict[str, Any]) -> float:
+    value = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or 0
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def run_config(storage: Storage) -> RunConfig:
+    """The config of the run in OUTPUT (run.json's, secrets masked)."""
+    try:
+        return RunConfig.model_validate(storage.read_json(RUN_FILE)["config"])
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, f"{storage.uri}/{RUN_FILE}")) from None
+
+
+def _top_up(storage: Storage, plan_files: list[str], units_planned: int, config: RunConfig) -> dict[str, int]:
+    """Units planned beyond ceil(N/K), and the top-up rounds that planned them: each top-up
+    appends new plan parts, so a part that starts past the first ceil(N/K) units began a round
+    (read from the parts' footers, and only when there are extra units)."""
+    base = units_needed(config.num_samples, config.instructions_per_aspect)
+    extra = max(0, units_planned - base)
+    if not extra:
+        return {"extra_units": 0, "rounds": 0}
+    starts = itertools.accumulate([0] + [_rows(storage, f) for f in plan_files[:-1]])
+    return {"extra_units": extra, "rounds": sum(1 for start in starts if start >= base)}
+
+
+def _rows(storage: Storage, relative: str) -> int:
+    with storage.parquet_file(relative) as parquet:
+        return parquet.metadata.num_rows
+
+
+# ---- rendering -----------------------------------------------------------------------------
+
+
+def describe(status: dict[str, Any]) -> str:
+    """``refed-ray status`` without ``--json``."""
+    synthesis, feedback = status["passes"]["synthesis"], status["passes"]["feedback"]
+    rates = status["samples_per_hour"]
+    age = duration(status["last_activity_age_s"])
+    alive = {"finished": "finished", "running": f"running, last commit {age} ago",
+             "quiet": f"no commit for {age}: stopped, or stuck?"}[status["state"]]
+    lines = [
+        f"{status['output']}: {alive}",
+        f"  samples: {status['samples']:,} accepted of {status['num_samples']:,}",
+        f"  feedback:  {feedback['references_committed']:,} references in {feedback['shards_committed']:,} shards",
+        (f"  synthesis: shards {synthesis['shards_committed']:,} of {_count(synthesis['shards_planned'])}, "
+         f"units {synthesis['units_committed']:,} of {synthesis['units_planned']:,}, "
+         f"samples {synthesis['samples_committed']:,} of {synthesis['samples_planned']:,} planned"),
+        f"  dedup: {_dedup(status['passes']['dedup'])}",
+        (f"  pace: {_rate(rates['last_10_min'])} samples/h over the last 10 min, {_rate(rates['run'])} over the run"
+         + ("" if status["state"] == "finished" else f"; ETA {duration(status['eta_seconds'])} (the plan's shards)")),
+        (f"  yield: {_share(status['yield'])} accepted per planned sample; "
+         f"{status['rejects']['samples_lost']:,} samples lost"),
+    ]
+    for reason, count in list(status["rejects"]["by_reason"].items())[:5]:
+        lines.append(f"    {count:>8,} x {reason}")
+    redone = status["shards_redone"]
+    lines.append(f"  shards redone (engine died or run stopped): synthesis {redone['synthesis']}, "
+                 f"feedback {redone['feedback']}")
+    top_up = status["top_up"]
+    lines.append(f"  top-up: {top_up['rounds']} rounds, {top_up['extra_units']:,} extra units")
+    if status["cost"]:
+        lines.append(f"  cost so far: {status['cost']['total']:.4f} (engine.api.prices)")
+    return "\n".join(lines)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
+
+
+def _dedup(dedup: dict[str, Any]) -> str:
+    if not dedup["enabled"]:
+        return "off (dedup.enabled: false)"
+    return f"done, {dedup['dropped']:,} dropped" if dedup["done"] else "not yet (after the synthesis pass)"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
