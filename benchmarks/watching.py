@@ -117,7 +117,7 @@ def status_requests(output: Path) -> None:
     """Copy OUTPUT into moto's S3 server, then count the requests of one status read."""
     from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
+    from tests.conftest import count_requests, free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -135,14 +135,7 @@ def status_requests(output: Path) -> None:
     from refed_ray.storage import Storage
 
     storage = Storage("s3://bench/run")
-    calls: list[str] = []
-    original = storage.fs._call_s3
-
-    async def counted(method, *args, **kwargs):
-        calls.append(method)
-        return await original(method, *args, **kwargs)
-
-    storage.fs._call_s3 = counted
+    calls = count_requests(storage)
     started = time.time()
     status = read_status(storage)
     seconds = time.time() - started

@@ -72,3 +72,17 @@ def committed_tables(storage, folder: str):
 
     for name in CommitLog(storage).files(folder):
         yield storage.read_table(name)
+
+
+def count_requests(storage) -> list[str]:
+    """The S3 API calls this storage's own file system makes from now on (every s3fs request,
+    listings' pages included, goes through ``_call_s3``)."""
+    calls: list[str] = []
+    original = storage.fs._call_s3
+
+    async def counted(method, *args, **kwargs):
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    storage.fs._call_s3 = counted
+    return calls

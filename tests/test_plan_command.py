@@ -14,6 +14,7 @@ from refed_ray.estimate import plan_run
 from refed_ray.pipeline import run
 from refed_ray.sizing import gpu_estimate, model_shape
 from tests.conftest import FAKE_ENGINE, ROOT, pairs, run_cli, write_jsonl
+from tests.test_cli_errors import assert_user_error
 
 SYNTHESIS_STAGES = ("instructions", "responses", "refinement")
 
@@ -166,47 +167,38 @@ def test_plan_takes_the_size_from_model_params_when_the_model_is_not_local(tmp_p
 # ---- bad input: exit 2, before Ray, as `run` refuses it ---------------------------------------
 
 
-def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    assert "Started a local Ray instance" not in done.stderr
-    assert "Connecting to existing Ray cluster" not in done.stderr
-    for fragment in fragments:
-        assert fragment in done.stderr, done.stderr
-
-
 def test_bad_seeds_config_and_output_are_refused_as_run_refuses_them(tmp_path):
     out = str(tmp_path / "out")
     (tmp_path / "empty.jsonl").write_text("")
-    assert_refused(cli("plan", "--seeds", str(tmp_path / "empty.jsonl"), "--output", out), "empty.jsonl is empty")
+    assert_user_error(cli("plan", "--seeds", str(tmp_path / "empty.jsonl"), "--output", out), "empty.jsonl is empty")
     bad = write_jsonl(tmp_path / "bad.jsonl", [*pairs(2), '{"instruction": "x", "response": 5}', "{oops"])
-    assert_refused(cli("plan", "--seeds", str(bad), "--output", out, "--max-bad-seeds", "1"),
+    assert_user_error(cli("plan", "--seeds", str(bad), "--output", out, "--max-bad-seeds", "1"),
                    "2 bad rows", "bad.jsonl:3: field 'response' must be a string, got int", "bad.jsonl:4: malformed JSON")
-    assert_refused(cli("plan", "--seeds", str(tmp_path / "missing.jsonl"), "--output", out), "seed file not found")
+    assert_user_error(cli("plan", "--seeds", str(tmp_path / "missing.jsonl"), "--output", out), "seed file not found")
     config = tmp_path / "run.yaml"
     config.write_text("num_samples: -1\nsampling:\n  temperature: 9\nbogus: 1\n")
-    assert_refused(cli("plan", "--config", str(config), "--output", out), f"invalid config ({config})",
+    assert_user_error(cli("plan", "--config", str(config), "--output", out), f"invalid config ({config})",
                    "num_samples: Input should be greater than or equal to 1", "bogus: unknown key")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert_refused(cli("plan", "--output", str(blocker / "out")), f"cannot write to output {blocker}/out")
+    assert_user_error(cli("plan", "--output", str(blocker / "out")), f"cannot write to output {blocker}/out")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    assert_refused(cli("plan", "--output", str(tmp_path / "taken")), "is not empty and holds no refed-ray run")
+    assert_user_error(cli("plan", "--output", str(tmp_path / "taken")), "is not empty and holds no refed-ray run")
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_engine_settings_and_missing_key_are_refused(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    assert_refused(cli("plan", "--output", out, "--engine", "openai"), "engine kind 'openai' needs model")
-    assert_refused(cli("plan", "--output", out, "--model", str(tmp_path / "no-such-model")),
+    assert_user_error(cli("plan", "--output", out, "--engine", "openai"), "engine kind 'openai' needs model")
+    assert_user_error(cli("plan", "--output", out, "--model", str(tmp_path / "no-such-model")),
                    f"engine.model '{tmp_path}/no-such-model' is not a folder on this machine")
     config = tmp_path / "custom.yaml"
     config.write_text("engine:\n  kind: custom\n  class_path: 'no_such_module:Engine'\n")
-    assert_refused(cli("plan", "--output", out, "--config", str(config)),
+    assert_user_error(cli("plan", "--output", out, "--config", str(config)),
                    "engine.class_path 'no_such_module:Engine' cannot be imported")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert_refused(cli("plan", "--output", out, "--engine", "openai", "--model", "gpt-4o-mini"),
+    assert_user_error(cli("plan", "--output", out, "--engine", "openai", "--model", "gpt-4o-mini"),
                    "needs an API key in the environment variable OPENAI_API_KEY")
 
 
@@ -214,8 +206,8 @@ def test_an_incompatible_output_and_bad_plan_flags_are_refused(tmp_path):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "run.json").write_text(json.dumps({"fingerprint": {"model": "another-model"}, "config": {"num_samples": 8}}))
-    assert_refused(cli("plan", "--output", str(earlier)), "holds a run with a different model", "--force-new")
+    assert_user_error(cli("plan", "--output", str(earlier)), "holds a run with a different model", "--force-new")
     out = str(tmp_path / "out")
-    assert_refused(cli("plan", "--output", out, "--pilot", str(tmp_path / "nothing-here")),
+    assert_user_error(cli("plan", "--output", out, "--pilot", str(tmp_path / "nothing-here")),
                    f"--pilot {tmp_path}/nothing-here holds no refed-ray run")
-    assert_refused(cli("plan", "--output", out, "--model-params", "-1"), "--model-params must be a positive number")
+    assert_user_error(cli("plan", "--output", out, "--model-params", "-1"), "--model-params must be a positive number")

@@ -22,7 +22,7 @@ from refed_ray.plan import read_plan
 from refed_ray.stats import ShardStats
 from refed_ray.status import RECENT_S, progress_figures, progress_line, read_status
 from refed_ray.storage import Storage
-from tests.conftest import pairs, run_cli, write_jsonl
+from tests.conftest import count_requests, pairs, run_cli, write_jsonl
 from tests.test_object_storage import bucket  # noqa: F401  (the moto S3 server and a Ray cluster)
 from tests.test_pipeline import make_config
 
@@ -147,20 +147,6 @@ def _wait_for_log(caplog, fragment: str, timeout: float = 120) -> str:
             return lines[-1]
         time.sleep(0.1)
     raise AssertionError(f"no progress line with {fragment!r}")
-
-
-def count_requests(storage: Storage) -> list[str]:
-    """The S3 API calls this storage's own file system makes from now on (every s3fs request,
-    listings' pages included, goes through ``_call_s3``)."""
-    calls: list[str] = []
-    original = storage.fs._call_s3
-
-    async def counted(method, *args, **kwargs):
-        calls.append(method)
-        return await original(method, *args, **kwargs)
-
-    storage.fs._call_s3 = counted
-    return calls
 
 
 # ---- figures --------------------------------------------------------------------------------
