@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/refed-ray prepare-model
 	$(VENV)/bin/refed-ray run --config jobs/demo.yaml --output output/demo
 	$(VENV)/bin/refed-ray export output/demo --format refed-json
-	@echo "Data: output/demo/data/ (Parquet), report: output/demo/report.json, REFED JSON: output/demo/export/refed-json.json"
+	@echo "Dataset: output/demo/dataset/ (Parquet), report: output/demo/report.json, REFED JSON: output/demo/export/refed-json.json"
 
 test: install
 	$(PY) -m pytest

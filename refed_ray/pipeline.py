@@ -30,6 +30,7 @@ from refed_ray.plan import (
 from refed_ray.quality import data_quality
 from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
+from refed_ray.restart_warning import explain_restart_warning
 from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
@@ -182,9 +183,9 @@ def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
     workers = config.workers
     if config.engine.kind == "vllm":
-        from refed_ray.engines.vllm_engine import actor_resources
+        from refed_ray.engines.vllm_engine import actor_resources, actor_runtime_env
 
-        resources = actor_resources(config.engine)
+        resources = {**actor_resources(config.engine), "runtime_env": actor_runtime_env()}
     else:
         resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
     return dict(
@@ -276,6 +277,7 @@ def _engine_secrets(config: RunConfig) -> dict[str, str]:
 def _connect_ray() -> None:
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS's cluster when set, else starts a local one
+    explain_restart_warning()  # before the first engine actor
 
 
 def _resolve_device(config: RunConfig) -> RunConfig:
