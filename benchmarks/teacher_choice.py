@@ -60,7 +60,7 @@ def main() -> None:
                    "--output", str(output), "--force-new"] + ([] if model == EMBEDDED else ["--model", str(path)])
         started = time.time()
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-        if done.returncode:
+        if done.returncode not in (0, 4):  # 4: fewer than N delivered, which the comparison reports
             print(done.stderr[-3000:])
             raise SystemExit(f"the demo with {model} failed ({done.returncode})")
         results[model] = summarize(output, time.time() - started)

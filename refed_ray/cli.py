@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from refed_ray.errors import RunStopped, UserError
+from refed_ray.errors import RunShort, RunStopped, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"refed-ray: stopped: {err}", file=sys.stderr)
         return 3
+    except RunShort as err:
+        print(f"refed-ray: short: {err}", file=sys.stderr)
+        return 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +93,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
     parser.add_argument("--seed", type=int, help="run seed")
     parser.add_argument("--max-bad-seeds", type=int, help="bad seed rows skipped before stopping")
+    parser.add_argument("--max-extra-units", type=float,
+                        help="top-up budget: units beyond ceil(N/K) to replace rejects, as a share of them")
     parser.add_argument("--force-new", action="store_true", help="discard an incompatible earlier run in OUTPUT")
 
 
@@ -114,6 +119,7 @@ def config_from_args(args: argparse.Namespace):
             "num_samples": args.num_samples,
             "seed": args.seed,
             "max_bad_seeds": args.max_bad_seeds,
+            "max_extra_units": args.max_extra_units,
             "engine.model": args.model,
             "engine.kind": args.engine,
             "engine.api.api_base": args.api_base,
@@ -125,7 +131,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_from_args(args)
+    report = run_from_args(args)
+    if report["shortfall"]:  # exit 0 means N samples delivered
+        raise RunShort(report["shortfall"]["message"])
     return 0
 
 

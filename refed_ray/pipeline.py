@@ -31,6 +31,7 @@ from refed_ray.plan import (
 from refed_ray.quality import data_quality
 from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
+from refed_ray.restart_warning import explain_restart_warning
 from refed_ray.seeds import SeedSet, read_seeds
 from refed_ray.stats import ShardStats
 from refed_ray.status import ProgressLog
@@ -139,6 +140,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         committed, config, seeds, plan, dataset, resumed=resumed, units_before=units_before,
         this_run=this_run, wall_seconds=time.time() - started, quality=quality,
     )
+    report["shortfall"] = _shortfall(config, report, plan.units)
     storage.write_json("report.json", report)
     write_views_after_run(storage, report)  # report.html and the dataset card
     return report
@@ -153,6 +155,45 @@ def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -
         log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                     config.num_samples, config.max_extra_units)
     return top_up_units(short, accepted, len(committed.ids("synthesis")), config.instructions_per_aspect, budget)
+
+
+def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int) -> dict[str, Any] | None:
+    """Why a run delivered fewer than N samples and what completes it; None when it delivered N.
+    The CLI exits with a status of its own on it (``errors.RunShort``)."""
+    missing = config.num_samples - report["delivered"]
+    if missing <= 0:
+        return None
+    k, base = config.instructions_per_aspect, units_needed(config.num_samples, config.instructions_per_aspect)
+    why = [f"{report['rejected_samples']} of {report['plan']['planned_samples']} planned samples were rejected "
+           "(report.json: rejects.by_reason)"]
+    for prefix, units_that in _WHOLE_UNITS_LOST:
+        units = sum(n for reason, n in report["rejects"]["by_reason"].items() if reason.startswith(prefix))
+        if units:
+            why.append(f"{units} units ({units * k} samples) {units_that}")
+    if report["samples"] == 0:
+        why.append("no unit yielded a sample, so no top-up can be sized")
+        advice = "fix what rejected them (rejects/ holds each reason), then start again with --force-new"
+    else:
+        why.append(f"the top-up budget is spent (max_extra_units={config.max_extra_units:g}: "
+                   f"{planned_units - base} units beyond the {base} that N needs)")
+        # What the resumed run would plan at this run's yield, margin included.
+        more = top_up_units(missing, report["samples"], report["units"]["committed"], k, budget=10**9)
+        needed = math.ceil(10 * (planned_units + more - base) / base) / 10
+        advice = (f"raise max_extra_units to {needed:g} (--max-extra-units or the config) and submit the same "
+                  "command again: committed work is kept and only the missing samples are made")
+        if needed > _MAX_EXTRA_UNITS:
+            advice = (f"the yield is too low for any top-up budget (it would take max_extra_units={needed:g}, "
+                      f"at most {_MAX_EXTRA_UNITS:g}): fix what rejects samples first (rejects/ holds each reason)")
+    message = f"delivered {report['delivered']} of {config.num_samples} samples: {'; '.join(why)}. To complete it, {advice}."
+    return {"missing": missing, "message": message}
+
+
+# Reject reasons (report.json's rejects.by_reason) that lose whole units, and what to say of them.
+_WHOLE_UNITS_LOST = (
+    ("feedback: no feedback", "whose reference got no feedback"),
+    ("engine: shard abandoned", "in shards abandoned after workers.max_shard_attempts engine deaths"),
+)
+_MAX_EXTRA_UNITS = next(m.le for m in RunConfig.model_fields["max_extra_units"].metadata if hasattr(m, "le"))
 
 
 def _max_units(config: RunConfig) -> int:
@@ -213,9 +254,9 @@ def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
     workers = config.workers
     if config.engine.kind == "vllm":
-        from refed_ray.engines.vllm_engine import actor_resources
+        from refed_ray.engines.vllm_engine import actor_resources, actor_runtime_env
 
-        resources = actor_resources(config.engine)
+        resources = {**actor_resources(config.engine), "runtime_env": actor_runtime_env()}
     else:
         resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
     return dict(
@@ -312,6 +353,7 @@ def _engine_secrets(config: RunConfig) -> dict[str, str]:
 def _connect_ray() -> None:
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS's cluster when set, else starts a local one
+    explain_restart_warning()  # before the first engine actor
 
 
 def _resolve_device(config: RunConfig) -> RunConfig:

@@ -2,8 +2,9 @@
 
 Shapes: ``{instruction, response}``; LIMA-style ``{conversations: [user, assistant, ...]}``;
 chat ``{messages: [{role, content}, ...]}``. Multi-turn conversations are skipped, as the paper
-did, and reported. Bad rows (malformed JSON, missing fields, empty text, duplicates) are skipped
-and recorded as rejects with their file and line, until ``max_bad_seeds`` is exceeded.
+did, and reported. Bad rows (malformed JSON, missing fields, empty text, text that is not valid
+Unicode, duplicates) are skipped and recorded as rejects with their file and line, until
+``max_bad_seeds`` is exceeded.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from importlib.resources import files
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from refed_ray.errors import UserError
 from refed_ray.records import Reference, Reject
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+# Parquet rows are turned into Python rows a batch at a time; a batch that holds text that is not
+# UTF-8 is redone row by row, so only the bad rows are skipped.
+_PARQUET_ROWS_AT_ONCE = 4096
 
 
 class BadRow(Exception):
@@ -155,8 +160,26 @@ def _parquet_rows(name: str, data: bytes) -> Iterator[tuple[str, dict | BadRow]]
         table = pq.read_table(io.BytesIO(data))
     except Exception as err:  # pyarrow raises several types for a broken file
         raise UserError(f"{name}: not a readable Parquet file: {err}") from None
-    for index, row in enumerate(table.to_pylist()):
-        yield f"{name}:row {index}", row
+    first = 0
+    for batch in table.to_batches(max_chunksize=_PARQUET_ROWS_AT_ONCE):
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+            rows = [_decoded_row(batch, index) for index in range(batch.num_rows)]
+        for index, row in enumerate(rows, start=first):
+            yield f"{name}:row {index}", row
+        first += batch.num_rows
+
+
+def _decoded_row(batch: pa.RecordBatch, index: int) -> dict | BadRow:
+    """Row ``index`` of ``batch``, or the bad row naming the field that is not UTF-8 text."""
+    row = {}
+    for column, values in zip(batch.schema.names, batch.columns):
+        try:
+            row[column] = values[index].as_py()
+        except UnicodeDecodeError as err:
+            return BadRow(f"field '{column}' is not UTF-8 text (byte {err.start} of its value)")
+    return row
 
 
 def _to_reference(row: Any, source: str) -> Reference:
@@ -174,7 +197,10 @@ def _to_reference(row: Any, source: str) -> Reference:
             f"got {sorted(row)[:6]}"
         )
     row_id = row.get("id")
-    reference_id = str(row_id) if row_id not in (None, "") else _content_id(instruction, response)
+    if row_id not in (None, ""):
+        reference_id = _encodable(str(row_id), "field 'id'")
+    else:
+        reference_id = _content_id(instruction, response)
     return Reference(
         reference_id=reference_id, instruction=instruction, response=response, source=source
     )
@@ -192,7 +218,19 @@ def _text(row: dict, key: str) -> str:
         raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
     if not value.strip():
         raise BadRow(f"field '{key}' is empty")
-    return value.strip()
+    return _encodable(value.strip(), f"field '{key}'")
+
+
+def _encodable(text: str, what: str) -> str:
+    """``text`` if it can be written as UTF-8. JSON's escapes can spell a lone surrogate
+    ("\\ud800"), which Python decodes into a str that no hash, Parquet file or log can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRow(
+            f"{what} is not valid Unicode text: {err.reason} ({text[err.start]!r} at character {err.start})"
+        ) from None
+    return text
 
 
 def _single_turn(turns: Any, key: str) -> tuple[str, str]:
@@ -223,4 +261,4 @@ def _turn_text(turn: Any, key: str, index: int) -> str:
         raise BadRow(f"{key}[{index}] must be text, got {type(content).__name__}")
     if not content.strip():
         raise BadRow(f"{key}[{index}] is empty")
-    return content.strip()
+    return _encodable(content.strip(), f"{key}[{index}]")

@@ -13,6 +13,7 @@ every unit of a shard runs its chain concurrently on the one engine.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import socket
@@ -62,6 +63,10 @@ class _EngineWorker:
         )
         # Ray Data may hand an async actor more shards than it should work on at once.
         self.shard_slots = asyncio.Semaphore(workers.shards_in_flight)
+        # Ray Data ends a pass by letting its actors exit: the engine stops then, with the
+        # interpreter intact. Not in __del__: vLLM keeps an import error's traceback, whose frames
+        # hold this worker until interpreter teardown.
+        atexit.register(self.engine.shutdown)
 
     async def __call__(self, batch: pa.Table):
         shard = batch.column("shard")[0].as_py()

@@ -18,6 +18,8 @@ reproducible. ``engine_kwargs`` inject faults:
 - ``die_after_commits``: ``{"file": path, "count": n, "output": dir}``: the first call after n
   synthesis markers exist in ``dir`` deletes the file and kills the process;
 - ``calls_log``: a file each call appends "<pid> <schema title>" to (which process served what);
+- ``shutdown_log``: a file ``shutdown`` appends "<pid> <whether the interpreter is finalizing>" to
+  (when an engine is stopped, and whether it was stopped while its actor still ran);
 - ``repeat_instructions``: every round of a (reference, aspect) gets the same K instructions of 30
   words but for the last word, drawn by the request's seed (near-duplicates across units, Jaccard
   of word 3-grams about 0.93, or 1 when the draws meet), and a unit's last instruction repeats its
@@ -39,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 
 from refed_ray.config import EngineConfig
@@ -84,6 +87,11 @@ class FakeEngine(Engine):
             completion_tokens=max(1, len(text) // 4),
             finish_reason="stop",
         )
+
+    def shutdown(self) -> None:
+        if "shutdown_log" in self.options:
+            with open(self.options["shutdown_log"], "a") as handle:
+                handle.write(f"{os.getpid()} {sys.is_finalizing()}\n")
 
     def _in_outage(self) -> bool:
         """While ``outage_file`` exists; with ``outage_seconds``, only for that long after the

@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from refed_ray.errors import UserError
+from refed_ray.records import Reject, to_table
 from refed_ray.seeds import read_seeds
 from tests.conftest import pairs, write_jsonl
 
@@ -125,3 +126,49 @@ def test_default_reference_set_is_clean_and_diverse():
     assert 30 <= len(seeds.references) <= 50
     assert not seeds.skipped
     assert seeds.digest() == read_seeds(None, 0).digest()
+
+
+# JSON's \u escapes can spell a lone surrogate: Python decodes it into a str that cannot be
+# encoded (hashed, written to Parquet, printed). Each such row is a bad row, never a crash.
+UNENCODABLE_ROWS = [
+    ({"instruction": "Say \ud800 twice.", "response": "Twice."},
+     "field 'instruction' is not valid Unicode text: surrogates not allowed ('\\ud800' at character 4)"),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello \udfff"}]},
+     "messages[1] is not valid Unicode text: surrogates not allowed ('\\udfff' at character 6)"),
+    ({"id": "\ud83d", "instruction": "Name a colour.", "response": "Blue."},
+     "field 'id' is not valid Unicode text: surrogates not allowed ('\\ud83d' at character 0)"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_text_that_cannot_be_encoded_is_a_counted_bad_row(tmp_path, fmt):
+    rows = [*pairs(2), *(row for row, _ in UNENCODABLE_ROWS)]
+    if fmt == "jsonl":
+        path, sources = write_jsonl(tmp_path / "s.jsonl", rows), ["s.jsonl:3", "s.jsonl:4", "s.jsonl:5"]
+    else:
+        path, sources = tmp_path / "s.json", ["s.json[2]", "s.json[3]", "s.json[4]"]
+        path.write_text(json.dumps(rows))
+    assert "\\ud800" in path.read_text()  # the file holds the escape, as a JSON writer leaves it
+
+    seeds = read_seeds(str(path), max_bad_seeds=3)
+    assert len(seeds.references) == 2 and seeds.bad_rows == 3
+    assert [(r.source, r.reason) for r in seeds.skipped] == list(zip(sources, [m for _, m in UNENCODABLE_ROWS]))
+    pq.write_table(to_table(seeds.skipped, Reject), tmp_path / "rejects.parquet")  # what the run commits
+    with pytest.raises(UserError) as refused:
+        read_seeds(str(path), max_bad_seeds=2)
+    assert f"  {sources[0]}: field 'instruction' is not valid Unicode text" in str(refused.value)
+    str(refused.value).encode("utf-8")  # the CLI can print it
+
+
+def test_parquet_text_that_is_not_utf8_is_a_counted_bad_row(tmp_path):
+    # Arrow trusts a file's string columns; a writer that skipped validation can leave bytes
+    # that are not UTF-8 in them (here: latin-1, and a surrogate encoded as UTF-8 bytes).
+    instructions = pa.array([b"Explain tides.", b"caf\xe9?", b"\xed\xa0\x80 here", b"Define rain."]).view(pa.string())
+    responses = pa.array(["Moon.", "Coffee.", "Nothing.", "Water falling."])
+    pq.write_table(pa.table({"instruction": instructions, "response": responses}), tmp_path / "s.parquet")
+    seeds = read_seeds(str(tmp_path / "s.parquet"), max_bad_seeds=2)
+    assert [r.instruction for r in seeds.references] == ["Explain tides.", "Define rain."]
+    assert [(r.source, r.reason) for r in seeds.skipped] == [
+        ("s.parquet:row 1", "field 'instruction' is not UTF-8 text (byte 3 of its value)"),
+        ("s.parquet:row 2", "field 'instruction' is not UTF-8 text (byte 0 of its value)"),
+    ]

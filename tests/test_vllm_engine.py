@@ -13,6 +13,7 @@ from refed_ray.commits import CommitLog
 from refed_ray.records import Feedback, RefedRow, Reject, Sample
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, run_cli, write_jsonl
+from tests.test_cli_exit import assert_quiet_log
 
 pytestmark = pytest.mark.engine
 
@@ -36,6 +37,16 @@ def refed_ray(*args: str) -> subprocess.CompletedProcess:
     return run_cli(*args, timeout=1200)
 
 
+def assert_delivered_or_short(done: subprocess.CompletedProcess, report: dict, n: int) -> None:
+    """Exit 0 with N delivered; a 270M teacher without a top-up budget often falls short: exit 4."""
+    if report["delivered"] == n:
+        assert done.returncode == 0, done.stderr[-4000:]
+    else:
+        assert done.returncode == 4, done.stderr[-4000:]
+        assert f"refed-ray: short: delivered {report['delivered']} of {n} samples" in done.stderr
+        assert "max_extra_units" in report["shortfall"]["message"]
+
+
 def test_real_engine_runs_the_whole_method(tmp_path):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [
         {"instruction": "Give three tips for writing clear emails.",
@@ -46,11 +57,13 @@ def test_real_engine_runs_the_whole_method(tmp_path):
     out = tmp_path / "out"
 
     done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out))
-    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert_delivered_or_short(done, report, 3)
     assert "refed-ray: " in done.stdout and "samples in" in done.stdout
+    # Both passes' engines were stopped when their pass ended: no engine-dead traceback, no error.
+    assert_quiet_log(done.stdout + done.stderr)
 
     storage = Storage(str(out))
-    report = json.loads((out / "report.json").read_text())
     feedback = [Feedback(**r) for t in committed_tables(storage, "feedback") for r in t.to_pylist()]
     samples = [Sample(**r) for t in committed_tables(storage, "data") for r in t.to_pylist()]
     rejects = [Reject(**r) for t in committed_tables(storage, "rejects") for r in t.to_pylist()]
@@ -106,8 +119,8 @@ def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     assert len(CommitLog(storage).commits["synthesis"]) == 1  # killed with one of two units committed
 
     done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out))
-    assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
+    assert_delivered_or_short(done, report, 6)
     assert {k: report["units"][k] for k in ("planned", "committed", "resumed", "this_run")} == {
         "planned": 2, "committed": 2, "resumed": 1, "this_run": 1}
 

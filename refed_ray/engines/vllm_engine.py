@@ -14,12 +14,15 @@ What keeps it close to bare vLLM (``benchmarks/engine_efficiency.py`` measures t
 - on CPUs, bfloat16 only where the CPU has native bf16 instructions (else oneDNN falls back to
   slow reference kernels and float32 is faster);
 - tensor parallelism with vLLM's multiprocessing executor inside the one actor, which reserves
-  all the engine's GPUs on one node: no placement group to leak.
+  all the engine's GPUs on one node: no placement group to leak;
+- a clean stop when its actor exits at the end of a pass (``shutdown``, on the event loop its
+  requests ran on; ``actor_runtime_env``), so a healthy run logs no engine-dead traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import uuid
@@ -35,6 +38,10 @@ _MIN_REPLY_TOKENS = 16
 # As ray.data.llm's vLLM stage: admit 10% more requests than the engine batches, so a finished
 # sequence is replaced from the queue at once instead of after its successor is templated.
 _QUEUE_HEADROOM = 1.1
+# How long vLLM's engine processes get to exit after SIGTERM before they are killed (vLLM's own
+# default, 5 s, is too short for an engine core to stop its workers on a busy CPU machine).
+_ENGINE_EXIT_S = 30
+_SHUTDOWN_TIMEOUT_S = 2 * _ENGINE_EXIT_S
 
 
 class VLLMEngine(Engine):
@@ -62,13 +69,14 @@ class VLLMEngine(Engine):
         self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refed-render")
         self._prefix_cache_queries = 0
         self._prefix_cache_hits = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # where requests run: see shutdown()
 
     async def complete(self, request: ChatRequest) -> Completion:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._render_pool, self._encode, request.messages)
         if len(prompt_ids) + _MIN_REPLY_TOKENS > self._max_model_len:
             raise RequestRejected(
@@ -117,8 +125,33 @@ class VLLMEngine(Engine):
         }
 
     def shutdown(self) -> None:
-        self._engine.shutdown()
+        """Stop the engine's processes, on the event loop its requests ran on while it runs.
+
+        There, vLLM cancels its output tasks before they can see the engine core go; from another
+        thread (the actor's exit runs on its main thread, the async UDF's loop on a thread of its
+        own) the cancellation races them and vLLM logs the engine's exit as an ``EngineDeadError``
+        traceback. Then vLLM's objects are collected while the interpreter is intact: left to
+        interpreter teardown, their ``__del__`` fails on half-torn-down modules."""
+        if self._engine is None:
+            return
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _running_in(loop):
+            asyncio.run_coroutine_threadsafe(self._shutdown_here(), loop).result(_SHUTDOWN_TIMEOUT_S)
+        else:
+            self._engine.shutdown(timeout=_ENGINE_EXIT_S)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
+        self._engine = None
+        gc.collect()  # vLLM's engine objects hold reference cycles
+
+    async def _shutdown_here(self) -> None:
+        self._engine.shutdown(timeout=_ENGINE_EXIT_S)
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -230,3 +263,17 @@ def actor_resources(config: EngineConfig) -> dict[str, Any]:
     if config.device == "cpu":
         return {"num_cpus": 1}
     return {"num_gpus": devices_per_engine(config)}
+
+
+def actor_runtime_env() -> dict[str, Any]:
+    """The runtime env of an engine actor: Ray leaves the engine's processes to the engine.
+
+    Ray 2.60 SIGKILLs an exiting worker's child processes first thing
+    (``kill_child_processes_on_worker_exit``), before any Python code of the actor runs at exit
+    (``__ray_shutdown__``, ``__del__``, ``atexit``). vLLM's engine core and its workers are such
+    children: killed under a live frontend, vLLM logs an ``EngineDeadError`` traceback, and the
+    multiprocessing resource tracker dies with them (``KeyError`` tracebacks as the actor exits).
+    Without it the worker stops its engine at exit (``VLLMEngine.shutdown``), and vLLM kills
+    whatever has not exited after ``_ENGINE_EXIT_S``. An actor that dies hard (``os._exit`` on an
+    engine death) never reached Ray's kill either way."""
+    return {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}}
