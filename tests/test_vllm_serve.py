@@ -16,7 +16,7 @@ from refed_ray.engines.default_model import prepare_default_model
 from refed_ray.records import RefedRow, Sample
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, free_port, write_jsonl
-from tests.test_vllm_engine import TINY_RUN
+from tests.test_vllm_engine import TINY_RUN, assert_delivered_or_short
 
 pytestmark = pytest.mark.engine
 
@@ -63,10 +63,10 @@ def test_run_against_vllm_serve(served_model, tmp_path):
          "--output", str(tmp_path / "out"), "--engine", "openai", "--api-base", served_model, "--model", "gemma-3-270m"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OPENAI_API_KEY": "EMPTY"},
     )
-    assert done.returncode == 0, done.stderr[-4000:]
     out = tmp_path / "out"
     assert {"_index", "data", "dataset", "feedback", "plan", "report.json", "run.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
+    assert_delivered_or_short(done, report, 3)
     storage = Storage(str(out))
     samples = [Sample(**r) for t in committed_tables(storage, "data") for r in t.to_pylist()]
     lost = sum(r["lost_samples"] for t in committed_tables(storage, "rejects") for r in t.to_pylist())
