@@ -108,11 +108,12 @@ def packed(value: Any) -> str:
 
 def throughput(commits) -> list[list[float]]:
     """``[seconds since the first commit, samples committed by then]`` of the synthesis commits,
-    at most ``THROUGHPUT_POINTS`` of them; empty where commits carry no time (``committed_at``:
-    epoch seconds or ISO 8601), as in outputs of versions that did not record it."""
+    at most ``THROUGHPUT_POINTS`` of them (one point: one timed commit, nothing to draw over time yet);
+    empty where commits carry no time (``committed_at``: epoch seconds or ISO 8601), as in outputs
+    of versions that did not record it."""
     timed = sorted((moment, commit.stats.samples) for commit in commits
                    if (moment := _commit_time(commit)) is not None)
-    if len(timed) < 2:
+    if not timed:
         return []
     start, total, points = timed[0][0], 0, []
     for moment, samples in timed:

@@ -111,6 +111,7 @@ def test_throughput_is_drawn_from_commit_times(finished, tmp_path):
                commit(1_000_600.0, 30)]
     assert page.throughput(commits) == [[0.0, 10], [60.0, 30], [600.0, 60]]
     assert page.throughput([commit(None, 5), commit(0.0, 3), SimpleNamespace(stats=SimpleNamespace(samples=1))]) == []
+    assert page.throughput([commit(1_000_060.0, 20), commit(None, 5)]) == [[0.0, 20]]  # one shard: one point
     many = [commit(float(i), 1) for i in range(1, 1002)]  # (0 is "no time": commits.Commit.committed_at)
     points = page.throughput(many)
     assert len(points) <= page.THROUGHPUT_POINTS and points[0] == [0.0, 1] and points[-1] == [1000.0, 1001]
