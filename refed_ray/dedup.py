@@ -101,7 +101,13 @@ def current_stats(committed: CommitLog, config: DedupConfig) -> ShardStats:
 
 def accepted_samples(committed: CommitLog, config: DedupConfig) -> int:
     """Samples committed by synthesis and kept by the current dedup commit."""
-    return committed.stats("synthesis").samples - current_stats(committed, config).lost_samples
+    return kept_samples({"synthesis": committed.stats("synthesis"), "dedup": current_stats(committed, config)})
+
+
+def kept_samples(totals: dict[str, ShardStats]) -> int:
+    """Samples kept, from the passes' summed counters: committed by synthesis, less the ones the
+    dedup commit in ``totals`` drops. The one place this is computed."""
+    return totals["synthesis"].samples - totals["dedup"].lost_samples
 
 
 def dropped_keys(storage: Storage, committed: CommitLog, config: DedupConfig) -> pa.Table:

@@ -25,19 +25,20 @@ import pyarrow as pa
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
+from refed_ray.dedup import kept_samples
 from refed_ray.errors import UserError
 from refed_ray.instructions import instruction_messages
 from refed_ray.output import RUN_FILE
-from refed_ray.pipeline import Preflight, _max_units, preflight
+from refed_ray.pipeline import Preflight, feedback_references, max_units, preflight
 from refed_ray.plan import (
-    PLAN_SCHEMA, PlanSummary, pending_shards, plan_files, read_plan, references_reached, write_plan,
+    PLAN_SCHEMA, PlanSummary, pending_shards, plan_files, read_plan, write_plan,
 )
 from refed_ray.prompts import render
 from refed_ray.records import CHARS_PER_TOKEN, Feedback, Reference, WorkUnit
-from refed_ray.report import _cost
+from refed_ray.report import api_cost
 from refed_ray.sizing import GPUS, describe_shape, gpu_estimate, model_shape
 from refed_ray.stats import STAGES, StageStats, empty_stats, merge
-from refed_ray.status import kept_samples, pass_totals, run_config
+from refed_ray.status import pass_totals, run_config
 from refed_ray.storage import Storage
 
 CALLS_PER_REFERENCE = 2  # feedback: one call on the instruction, one on the response
@@ -53,8 +54,7 @@ def plan_run(
     references = checked.seeds.references
     reference_ids = [ref.reference_id for ref in references]
     plan, pending = _plan_in_memory(checked.storage, committed, config, reference_ids)
-    # The run collects feedback on every reference its top-up budget can reach, in one pass.
-    reached = references_reached(reference_ids, config.seed, max(plan.units, _max_units(config)))
+    reached = feedback_references(reference_ids, config, plan.units)
     have_feedback = committed.ids("feedback") if committed else set()
     feedback_todo = [ref for ref in references if ref.reference_id in reached and ref.reference_id not in have_feedback]
     units = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
@@ -84,7 +84,7 @@ def plan_run(
             "rounds": plan.rounds,
             "instructions_per_unit": k,
             "planned_samples": plan.units * k,
-            "top_up_budget_units": max(0, _max_units(config) - plan.units),
+            "top_up_budget_units": max(0, max_units(config) - plan.units),
         },
         "committed": {
             "units": plan.units - units.num_rows,
@@ -257,7 +257,7 @@ def _tokens(chars: int) -> int:
 def _estimated_cost(config: RunConfig, tokens: dict[str, Any]) -> dict[str, Any] | None:
     """As report.json prices a run's tokens (engine openai, a price for the model)."""
     stages = {stage: StageStats(**counts) for stage, counts in tokens["by_stage"].items()}
-    return _cost(config, stages)
+    return api_cost(config, stages)
 
 
 def _gpu_time(

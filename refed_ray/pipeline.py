@@ -115,9 +115,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     }
     units_before = len(committed.ids("synthesis"))
     this_run = PassResult()
-    # Feedback on every reference the plan can reach with its top-up budget, in one pass: a few
-    # calls per reference cost less than loading the engines again for a top-up round's feedback.
-    reached = references_reached(reference_ids, config.seed, max(plan.units, _max_units(config)))
+    reached = feedback_references(reference_ids, config, plan.units)
     _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
     synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))]}
     while True:
@@ -150,7 +148,7 @@ def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -
     """Units to add so that N samples are accepted despite rejects and duplicates."""
     accepted = accepted_samples(committed, config.dedup)
     short = config.num_samples - accepted
-    budget = _max_units(config) - planned_units
+    budget = max_units(config) - planned_units
     if short > 0 and budget <= 0:
         log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                     config.num_samples, config.max_extra_units)
@@ -196,7 +194,14 @@ _WHOLE_UNITS_LOST = (
 _MAX_EXTRA_UNITS = next(m.le for m in RunConfig.model_fields["max_extra_units"].metadata if hasattr(m, "le"))
 
 
-def _max_units(config: RunConfig) -> int:
+def feedback_references(reference_ids: list[str], config: RunConfig, planned_units: int) -> set[str]:
+    """The references whose feedback the run collects: every one the plan can reach with its top-up
+    budget, in one pass (a few calls per reference cost less than loading the engines again for a
+    top-up round's feedback)."""
+    return references_reached(reference_ids, config.seed, max(planned_units, max_units(config)))
+
+
+def max_units(config: RunConfig) -> int:
     """The most units a run for N may plan: ceil(N/K) and its top-up budget (``max_extra_units``,
     a share of the ceil(N/K) units the run needs without rejects)."""
     base = units_needed(config.num_samples, config.instructions_per_aspect)

@@ -10,7 +10,7 @@ from typing import Any
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.dedup import accepted_samples, current_stats
+from refed_ray.dedup import current_stats, kept_samples
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
 from refed_ray.stats import StageStats, empty_stats, merge
@@ -36,7 +36,7 @@ def build_report(
         merge(stages, stats.stages)
     synthesis = committed.commits["synthesis"].values()
     redone = [c for c in synthesis if c.attempt > 1]
-    samples = accepted_samples(committed, config.dedup)
+    samples = kept_samples(totals)
     lost = sum(t.lost_samples for t in totals.values())
     duplicates = {stage: sum(n for reason, n in t.reject_reasons.items() if reason.startswith("dedup:"))
                   for stage, t in (("in_unit", totals["synthesis"]), ("across_units", totals["dedup"]))}
@@ -94,7 +94,7 @@ def build_report(
             "shards_redone": len(redone),
             "shard_attempts_beyond_first": sum(c.attempt - 1 for c in synthesis),
         },
-        "cost": _cost(config, stages),
+        "cost": api_cost(config, stages),
         "samples": samples,
         "delivered": dataset["rows"],  # in dataset/: N, unless the top-up budget ran out
         "deduplicated": {
@@ -125,7 +125,7 @@ def build_report(
     }
 
 
-def _cost(config: RunConfig, stages: dict[str, StageStats]) -> dict[str, Any] | None:
+def api_cost(config: RunConfig, stages: dict[str, StageStats]) -> dict[str, Any] | None:
     """Cost of every call in OUTPUT, from the configured price of the model (engine openai)."""
     price = config.engine.api.prices.get(config.engine.model or "")
     if price is None:

@@ -26,11 +26,11 @@ from pydantic import ValidationError
 
 from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig, format_validation_error
-from refed_ray.dedup import StaleDedup, current_stats
+from refed_ray.dedup import StaleDedup, current_stats, kept_samples
 from refed_ray.errors import UserError
 from refed_ray.output import RUN_FILE
 from refed_ray.plan import plan_files, summarize, units_needed
-from refed_ray.report import _cost
+from refed_ray.report import api_cost
 from refed_ray.stats import ShardStats, empty_stats, merge
 from refed_ray.storage import Storage
 
@@ -158,11 +158,6 @@ def _current_dedup(committed: CommitLog, config: RunConfig) -> ShardStats | None
         return None
 
 
-def kept_samples(totals: dict[str, ShardStats]) -> int:
-    """Samples committed by synthesis, less the ones dedup dropped (``pass_totals``)."""
-    return totals["synthesis"].samples - totals["dedup"].lost_samples
-
-
 def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
     times = _top_level_times(storage)
     if RUN_FILE not in times:
@@ -225,7 +220,7 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
         "shards_redone": {p: sum(1 for c in committed.commits[p].values() if c.attempt > 1)
                           for p in ("feedback", "synthesis")},
         "top_up": _top_up(storage, parts, units_planned, config),
-        "cost": _cost(config, stages),
+        "cost": api_cost(config, stages),
     }
 
 
