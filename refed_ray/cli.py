@@ -1,4 +1,4 @@
-"""The ``refed-ray`` command: run, plan, status, prepare-model, export, report."""
+"""The ``refed-ray`` command: run, plan, status, prepare-model, export, report, compare."""
 
 from __future__ import annotations
 
@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--config", help="the run's YAML config, for its storage_options")
     report.add_argument("--samples", type=int, default=3, help="samples to print (default 3)")
     report.set_defaults(handler=_report)
+
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="two runs side by side, and a judge of A's final responses against B's")
+    compare.add_argument("output_a", help="run A's OUTPUT URI")
+    compare.add_argument("output_b", help="run B's OUTPUT URI (ideally made with --instructions-from OUTPUT_A)")
+    compare.add_argument("--judge-config", help="YAML with an engine: section (and optional sampling:, workers:); "
+                                                "default: A's teacher")
+    compare.add_argument("--output", help="where compare.json and the judge's verdicts go "
+                                          "(default: OUTPUT_A/compare/<name of B>)")
+    compare.add_argument("--force-new", action="store_true", help="discard verdicts of another judging in --output")
+    compare.add_argument("--json", action="store_true", help="print compare.json instead of the summary")
+    compare.set_defaults(handler=_compare)
     return parser
 
 
@@ -194,6 +206,14 @@ def _report(args: argparse.Namespace) -> int:
     from refed_ray.views import refresh
 
     print(refresh(args.output, load_config(args.config, {}).storage_options if args.config else None, args.samples))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from refed_ray.compare import compare, summary
+
+    result = compare(args.output_a, args.output_b, args.judge_config, args.output, args.force_new)
+    print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
 

@@ -61,7 +61,7 @@ from refed_ray.storage import Storage
 
 RUN_FILE = "run.json"  # the run that owns OUTPUT (written by output.py)
 DISCARDING = "discarding"  # in run.json while --force-new deletes the run it names
-PASSES = ("seeds", "feedback", "synthesis", "dedup")
+PASSES = ("seeds", "feedback", "synthesis", "dedup", "judge")  # judge: under a compare or selection root
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 Aspect = Literal["subject_areas", "relevant_skills"]
 ASPECTS: tuple[Aspect, ...] = ("subject_areas", "relevant_skills")
-Stage = Literal["seeds", "feedback", "instructions", "responses", "refinement", "dedup", "engine"]
+Stage = Literal["seeds", "feedback", "instructions", "responses", "refinement", "dedup", "engine", "judge"]
 
 # Free text (feedback, instructions, responses) is unbounded in the grammar unless a config sets
 # a char bound: a reply that runs past its step's max_tokens ends with finish_reason "length" and
@@ -86,6 +86,13 @@ def refinement_model(max_chars: int | None, point_chars: int, max_points: int) -
     return _model(
         "Refinement", analysis=analysis, implementation_strategy=strategy, improved_response=_text(max_chars)
     )
+
+
+@cache  # a model class per settings, built once: building one costs milliseconds
+def judge_verdict_model(reasoning_chars: int) -> type[BaseModel]:
+    """The pairwise judge's reply: its reasoning first (bounded, so the verdict after it keeps its
+    room), then which of the two responses is better."""
+    return _model("JudgeVerdict", reasoning=_text(reasoning_chars), better=Literal["1", "2"])
 
 
 def worst_case_tokens(model: type[BaseModel]) -> tuple[int, bool]:

@@ -173,6 +173,8 @@ def instance(schema: dict, rng: random.Random, defs: dict | None = None) -> obje
     defs = schema.get("$defs", defs or {})
     if "$ref" in schema:
         return instance(defs[schema["$ref"].rsplit("/", 1)[-1]], rng, defs)
+    if "enum" in schema:  # a choice (the judge's verdict)
+        return rng.choice(schema["enum"])
     kind = schema.get("type")
     if kind == "object":
         return {name: instance(sub, rng, defs) for name, sub in schema["properties"].items()}

@@ -1,0 +1,75 @@
+"""Selection by judge (the authors' best filter): keep a sample when the teacher, asked in both
+orders, prefers its improved response to its original response both times.
+
+A filter (see the brief's contract): per sample of the run, in dataset order, keep or drop with
+a reason; at most ``size`` keeps, the first ones. Its judge calls are the judge pass
+(``judge_pass.py``) under the selection's folder, ``<selection>/judge/``: sharded, committed,
+resumed and counted there like a compare's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from refed_ray.config import RunConfig
+from refed_ray.judge_pass import judge_of_run, pair_id, read_rejects, read_verdicts, run_judge_pass
+from refed_ray.storage import Storage
+
+JUDGE_FOLDER = "judge"
+DECISION_SCHEMA = pa.schema([("unit_id", pa.string()), ("sample_index", pa.int64()), ("keep", pa.bool_()),
+                             ("reason", pa.string())])
+REASONS = {
+    "x": "improved response won both orders",
+    "y": "original response won both orders",
+    "tie": "tie: the judge's two orders disagreed",
+}
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a selection filter may use beyond the samples (the integrator unifies it with select's)."""
+
+    selection: Storage  # OUTPUT/selected/<method>-<N>/
+    run: Storage  # OUTPUT
+    config: RunConfig  # the run's config (its teacher is the default judge)
+    judge_config: str | None  # --judge-config: a YAML file with an engine: section
+    seed: int
+
+
+def judge_improvements(samples: pa.Table, size: int, context: SelectionContext) -> pa.Table:
+    """``unit_id``, ``sample_index``, ``keep``, ``reason``: one row per sample, in its order."""
+    ids = [pair_id(u, i) for u, i in zip(samples["unit_id"].to_pylist(), samples["sample_index"].to_pylist())]
+    pairs = pa.table({
+        "pair_id": pa.array(ids, pa.string()), "unit_id": samples["unit_id"], "sample_index": samples["sample_index"],
+        "instruction": samples["instruction"], "response_x": samples["improved_response"],
+        "response_y": samples["response"],
+    })
+    judge = judge_of_run(context.run, context.judge_config)
+    if not context.judge_config:
+        judge = judge.model_copy(update={"storage_options": context.config.storage_options})
+    judge = judge.model_copy(update={"sampling": judge.sampling.model_copy(update={"seed": context.seed})})
+    root = Storage(f"{context.selection.uri}/{JUDGE_FOLDER}", context.selection.storage_options)
+    # The samples judged, by digest: a selection over other samples is another judging.
+    judged = {"run": context.run.uri, "samples": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+    committed = run_judge_pass(root, pairs, judge, judged)
+    verdicts = read_verdicts(root, committed)
+    winners = dict(zip(verdicts["pair_id"].to_pylist(), verdicts["winner"].to_pylist()))
+    rejects = read_rejects(root, committed)
+    rejected = {} if rejects is None else {
+        pair_id(u, i): reason for u, i, reason in
+        zip(rejects["unit_id"].to_pylist(), rejects["sample_index"].to_pylist(), rejects["reason"].to_pylist())}
+    keeps, reasons = [], []
+    for pair in ids:
+        winner = winners.get(pair)
+        if winner is None:
+            keeps.append(False)
+            reasons.append(f"not judged: {rejected.get(pair, 'no verdict')}")
+            continue
+        keep = winner == "x" and sum(keeps) < size
+        keeps.append(keep)
+        reasons.append(REASONS[winner] + ("" if keep or winner != "x" else f", beyond the first {size}"))
+    return pa.table([samples["unit_id"].cast(pa.string()), samples["sample_index"].cast(pa.int64()),
+                     pa.array(keeps, pa.bool_()), pa.array(reasons, pa.string())], schema=DECISION_SCHEMA)
