@@ -94,7 +94,8 @@ def paired_rows(run_a: Storage, run_b: Storage) -> tuple[pa.Table, dict[str, int
     instructions differ."""
     a = read_delivered(run_a, ROW_COLUMNS)
     a = a.append_column("order", pa.array(np.arange(a.num_rows), pa.int64()))
-    b = read_delivered(run_b, ROW_COLUMNS).rename_columns(["unit_id", "sample_index", "instruction_b", "response_y"])
+    b = read_delivered(run_b, ROW_COLUMNS)
+    b = b.rename_columns(["unit_id", "sample_index", "instruction_b", "response_y"])
     joined = a.join(b, keys=["unit_id", "sample_index"], join_type="inner").sort_by("order")
     same = pc.equal(joined["instruction"], joined["instruction_b"])
     pairs = joined.filter(same)

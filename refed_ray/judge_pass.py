@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refed_ray import commits
 from refed_ray.commits import CommitLog
-from refed_ray.config import EngineConfig, RunConfig, WorkersConfig, _digest, _REPLY_SHAPING_ENGINE_FIELDS, format_validation_error
+from refed_ray.config import (
+    _REPLY_SHAPING_ENGINE_FIELDS, EngineConfig, RunConfig, WorkersConfig, _digest, _redact, format_validation_error,
+)
 from refed_ray.errors import UserError
 from refed_ray.judge import STAGE, JudgeSampling, judge_pair, pair_reject
 from refed_ray.prompts import template
@@ -51,7 +53,9 @@ class JudgeConfig(BaseModel):
     engine: EngineConfig
     sampling: JudgeSampling = Field(default_factory=JudgeSampling)
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="units_per_shard: pairs per shard")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of the outputs read and written")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of the outputs read and written"
+    )
 
     def model_name(self) -> str:
         return self.engine.model or "gemma-3-270m (embedded default)"
@@ -172,7 +176,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     pipeline._check_engine(config)
     secrets = pipeline._engine_secrets(config)
     run_id = _claim_root(root, {"judged": _digest(judged), "judge": judge.fingerprint()},
-                         {"judged": judged, "judge": judge.model_dump(exclude={"storage_options"})}, force_new)
+                         {"judged": judged, "judge": _redact(judge.model_dump(exclude={"storage_options"}))}, force_new)
     committed = CommitLog(root)
     committed.remove_leftovers()
     blocks = _pending_shards(pairs, judge.workers.units_per_shard, set(committed.commits[STAGE]))

@@ -23,7 +23,9 @@ from refed_ray.engines.base import ChatRequest, Completion, Engine
 from tests.fake_engine import FakeEngine
 
 MARK = "GOOD"
-_RESPONSES = re.compile(r"\[Response 1\]\n(.*)\n\[End of response 1\].*\[Response 2\]\n(.*)\n\[End of response 2\]", re.S)
+_RESPONSES = re.compile(
+    r"\[Response 1\]\n(.*)\n\[End of response 1\].*\[Response 2\]\n(.*)\n\[End of response 2\]", re.S
+)
 _FIELDS = {"SynthesizedResponse": "response", "Refinement": "improved_response"}
 
 

@@ -128,4 +128,5 @@ def test_cli_judges_with_the_teacher_of_a_by_default(runs, tmp_path):
     assert "refed-ray compare: 12 pairs" in result.stdout and "win rate A" in result.stdout
     judge = json.loads((out / "compare.json").read_text())["judge"]
     assert judge["a_wins"] + judge["b_wins"] + judge["ties"] + judge["rejected"] == 12 and judge["calls"] >= 24
-    assert json.loads((out / "run.json").read_text())["settings"]["judge"]["engine"]["class_path"] == TEACHER["class_path"]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["judge"]["engine"]["class_path"] == TEACHER["class_path"]

@@ -1,0 +1,84 @@
+"""Selection by judge: a sample is kept when the judge prefers its improved response in both orders."""
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from refed_ray.config import RunConfig
+from refed_ray.errors import UserError
+from refed_ray.filters.judge import SelectionContext, judge_improvements
+from refed_ray.pipeline import run
+from refed_ray.storage import Storage
+from tests.conftest import pairs, write_jsonl
+from tests.fake_judge import MARK
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+COLUMNS = ["unit_id", "sample_index", "instruction", "response", "improved_response"]
+
+
+@pytest.fixture(scope="module")
+def marked_run(tmp_path_factory):
+    """12 samples whose improved responses carry the mark when their refinement seed is even, and
+    whose original responses carry it when their response seed is divisible by 3."""
+    root = tmp_path_factory.mktemp("run")
+    config = RunConfig.model_validate({
+        "seeds": str(write_jsonl(root / "seeds.jsonl", pairs(2))), "output": str(root / "out"),
+        "num_samples": 12, "instructions_per_aspect": 3, "max_extra_units": 0,
+        "engine": {"kind": "custom", "class_path": "tests.fake_judge:MarkedTeacher",
+                   "engine_kwargs": {"marks": {"Refinement": 2, "SynthesizedResponse": 3}}},
+        "workers": {"num_engines": 1, "units_per_shard": 2},
+    })
+    assert run(config)["delivered"] == 12
+    storage = Storage(config.output)
+    manifest = storage.read_json("dataset/_manifest.json")
+    return config, pa.concat_tables(storage.read_table(f, columns=COLUMNS) for f in manifest["files"])
+
+
+def context(config, tmp_path, calls_log, name="judge-4", **options) -> SelectionContext:
+    judge = tmp_path / f"{name}.yaml"
+    judge.write_text(yaml.safe_dump({"engine": {
+        "kind": "custom", "class_path": "tests.fake_judge:FakeJudge",
+        "engine_kwargs": {"calls_log": str(calls_log), **options}}}))
+    run_storage = Storage(config.output)
+    return SelectionContext(selection=Storage(f"{config.output}/selected/{name}"), run=run_storage, config=config,
+                            judge_config=str(judge), seed=0)
+
+
+def test_keeps_the_first_samples_whose_improved_response_wins_both_orders(marked_run, tmp_path):
+    config, samples = marked_run
+    rows = samples.to_pylist()
+    better = [MARK in r["improved_response"] and MARK not in r["response"] for r in rows]
+    worse = [MARK in r["response"] and MARK not in r["improved_response"] for r in rows]
+    assert sum(better) > 2 and any(worse) and not all(b or w for b, w in zip(better, worse))
+    log = tmp_path / "calls.log"
+    size = sum(better) - 1
+
+    decisions = judge_improvements(samples, size, context(config, tmp_path, log, prefer_marker=MARK))
+    assert decisions.schema.names == ["unit_id", "sample_index", "keep", "reason"]
+    keys = ["unit_id", "sample_index"]
+    assert decisions.select(keys).to_pylist() == samples.select(keys).to_pylist()
+    first_better = [i for i, b in enumerate(better) if b][:size]
+    assert [i for i, keep in enumerate(decisions["keep"].to_pylist()) if keep] == first_better
+    reasons = decisions["reason"].to_pylist()
+    for i, reason in enumerate(reasons):
+        if better[i]:
+            assert reason.startswith("improved response won both orders")
+        elif worse[i]:
+            assert reason == "original response won both orders"
+        else:
+            assert reason.startswith("tie")
+    (over,) = [r for i, r in enumerate(reasons) if better[i] and i not in first_better]
+    assert over.endswith(f"beyond the first {size}")
+    assert len(log.read_text().splitlines()) == 24  # every sample in both orders
+
+    again = judge_improvements(samples, size, context(config, tmp_path, log, prefer_marker=MARK))
+    assert again.equals(decisions) and len(log.read_text().splitlines()) == 24  # resumed: no new call
+    with pytest.raises(UserError, match="another judging"):
+        judge_improvements(samples, size, context(config, tmp_path, log, always="1"))
+
+
+def test_a_judge_with_a_position_bias_keeps_nothing(marked_run, tmp_path):
+    config, samples = marked_run
+    decisions = judge_improvements(samples, 12, context(config, tmp_path, tmp_path / "log", "judge-12", always="2"))
+    assert not any(decisions["keep"].to_pylist())
+    assert set(decisions["reason"].to_pylist()) == {"tie: the judge's two orders disagreed"}
