@@ -55,6 +55,14 @@ class EngineResources(_Section):
         default_factory=dict, description="custom Ray resources per engine actor, e.g. {accelerator_type:A100: 0.001}"
     )
 
+    @field_validator("resources")
+    @classmethod
+    def _cpus_and_gpus_have_their_own_fields(cls, resources: dict[str, float]) -> dict[str, float]:
+        # Ray refuses them there too, but only when the first actor starts.
+        for name in {"CPU", "GPU"} & set(resources):
+            raise ValueError(f"{name} is set with num_{name.lower()}s, not in resources")
+        return resources
+
 
 class EngineConfig(_Section):
     """The teacher model and how each worker hosts it."""
