@@ -8,8 +8,8 @@ kind is its engine module plus one ``register(EngineKind(...))``; ``vllm``, ``op
 This module imports no engine module (and so neither vLLM nor the openai client) until a hook
 runs: config.py validates ``engine.kind`` against it, and the driver sizes vLLM actors without
 vLLM installed. A kind must be registered in every process that reads the config, the engine
-actors included: register it in a module those processes import (a kind registered from a test
-is known to that test's process only, which is enough for driver-side checks).
+actors included, which import this module: register new kinds here (a kind registered from a
+test is known to that test's process only, which is enough for the driver-side checks).
 """
 
 from __future__ import annotations
