@@ -91,12 +91,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``refed-ray run``, shared with jobs/synthesize.py."""
+    from refed_ray.engines import kinds
+
     parser.add_argument("--config", help="YAML file of RunConfig fields; flags override it")
     parser.add_argument("--seeds", help="seed file URI (JSONL, JSON or Parquet)")
     parser.add_argument("--output", help="output URI (local path, s3://, gs://, ...)")
     parser.add_argument("--num-samples", type=int, help="samples to synthesize")
     parser.add_argument("--model", help="teacher: Hugging Face id or local folder")
-    parser.add_argument("--engine", choices=["vllm", "openai", "custom"], help="teacher engine kind")
+    parser.add_argument("--engine", choices=kinds.names(), help="teacher engine kind")
     parser.add_argument("--api-base", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     parser.add_argument("--num-engines", type=int, help="engine actors (one engine each)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"],

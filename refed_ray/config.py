@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from refed_ray.engines import kinds
 from refed_ray.errors import UserError
 
 
@@ -44,13 +46,31 @@ class ApiConfig(_Section):
     )
 
 
+class EngineResources(_Section):
+    """What one engine actor of a ``custom`` engine asks Ray for."""
+
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per engine actor")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per engine actor (fractions share a GPU)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per engine actor, e.g. {accelerator_type:A100: 0.001}"
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _cpus_and_gpus_have_their_own_fields(cls, resources: dict[str, float]) -> dict[str, float]:
+        # Ray refuses them there too, but only when the first actor starts.
+        for name in {"CPU", "GPU"} & set(resources):
+            raise ValueError(f"{name} is set with num_{name.lower()}s, not in resources")
+        return resources
+
+
 class EngineConfig(_Section):
     """The teacher model and how each worker hosts it."""
 
-    kind: Literal["vllm", "openai", "custom"] = Field(
+    kind: str = Field(
         "vllm",
-        description="vllm: in-process vLLM engine; openai: an OpenAI-compatible API; "
-        "custom: class_path names an engine class",
+        description="an engine kind of refed_ray/engines/kinds.py: vllm: in-process vLLM engine; openai: an "
+        "OpenAI-compatible API; custom: class_path names an engine class",
     )
     model: str | None = Field(
         None, description="Hugging Face id or local folder; unset = the embedded Gemma 3 270M"
@@ -81,14 +101,24 @@ class EngineConfig(_Section):
         default_factory=dict, description="extra vllm.AsyncEngineArgs fields"
     )
     class_path: str | None = Field(None, description="module:Class of a custom engine")
+    resources: EngineResources | None = Field(
+        None, description="custom engines: what each engine actor asks Ray for; unset = one CPU"
+    )
     api: ApiConfig = Field(default_factory=ApiConfig)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in kinds.names():
+            # Worded as pydantic words a Literal's error, the registered kinds in place of the literal's values.
+            raise PydanticCustomError("engine_kind", "Input should be {expected}", {"expected": kinds.listed()})
+        return kind
 
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> EngineConfig:
-        if self.kind == "openai" and not self.model:
-            raise ValueError("engine kind 'openai' needs model (the served model's name, --model)")
-        if self.kind == "custom" and not self.class_path:
-            raise ValueError("engine kind 'custom' needs class_path ('module:Class')")
+        problem = kinds.engine_kind(self.kind).problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

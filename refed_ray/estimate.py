@@ -26,6 +26,7 @@ import pyarrow as pa
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dedup import kept_samples
+from refed_ray.engines.kinds import engine_kind
 from refed_ray.errors import UserError
 from refed_ray.instructions import instruction_messages
 from refed_ray.output import RUN_FILE
@@ -98,7 +99,7 @@ def plan_run(
         "cost": _estimated_cost(config, tokens),
         "gpu": None,
     }
-    if config.engine.kind == "vllm":
+    if engine_kind(config.engine.kind).estimates_gpu_time:
         estimate["gpu"] = _gpu_time(config, tokens, estimate["calls"]["total"], gpu, model_params)
     return estimate
 
@@ -313,7 +314,7 @@ def describe(estimate: dict[str, Any]) -> str:
     lines.append(f"    {'total':<13} prompt {tokens['prompt_tokens']:>15,}  completion {tokens['completion_tokens']:>15,}")
     if estimate["cost"]:
         lines.append(f"  cost (estimate, engine.api.prices): {estimate['cost']['total']:,.2f}")
-    elif estimate["engine"] == "openai":
+    elif engine_kind(estimate["engine"]).priced_per_token:
         lines.append(f"  cost: no price for {estimate['model']} in engine.api.prices")
     gpu = estimate["gpu"]
     if gpu and "note" in gpu:

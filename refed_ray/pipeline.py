@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dataset import compact_dataset
 from refed_ray.dedup import accepted_samples, deduplicate, dropped_keys
-from refed_ray.engines.base import load_class
+from refed_ray.engines.kinds import engine_kind
 from refed_ray.errors import RunStopped, UserError
 from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.plan import (
@@ -258,12 +257,7 @@ def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, e
 def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
     workers = config.workers
-    if config.engine.kind == "vllm":
-        from refed_ray.engines.vllm_engine import actor_resources, actor_runtime_env
-
-        resources = {**actor_resources(config.engine), "runtime_env": actor_runtime_env()}
-    else:
-        resources = {"num_cpus": 1}  # API and custom engines: CPU-only actors, no GPU reserved
+    resources = engine_kind(config.engine.kind).actor_resources(config.engine)
     return dict(
         batch_size=None,  # the whole block, i.e. the whole shard, is one batch
         batch_format="pyarrow",
@@ -323,36 +317,21 @@ def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback
 
 
 def _rate_limiter(config: RunConfig) -> dict[str, Any]:
-    """The actor that spaces every API engine's calls to the configured rates, as an engine arg."""
-    if config.engine.kind != "openai":
-        return {}
-    from refed_ray.engines.openai_engine import start_rate_limiter
-
-    limiter = start_rate_limiter(config.engine.api.requests_per_minute, config.engine.api.tokens_per_minute)
-    return {"rate_limiter": [limiter]} if limiter else {}
+    """Engine args the driver starts once for the whole run (openai: the actor that spaces every
+    API call to the configured rates)."""
+    return engine_kind(config.engine.kind).driver_args(config.engine)
 
 
 def _check_engine(config: RunConfig) -> None:
-    """What the driver can check of the engine before actors start: a custom engine's class
-    imports, a local model folder exists (hub ids and object-storage folders are fetched later)."""
-    engine = config.engine
-    if engine.kind == "custom":
-        load_class(engine.class_path)
-    model = engine.model or ""
-    if engine.kind == "vllm" and model.startswith(("/", "./", "../", "~")):
-        if not os.path.isdir(os.path.expanduser(model)):
-            raise UserError(f"engine.model {model!r} is not a folder on this machine")
+    """What the driver can check of the engine before actors start (a custom engine's class
+    imports, a local model folder exists, an API key is set): the kind's own checks."""
+    engine_kind(config.engine.kind).check(config.engine)
 
 
 def _engine_secrets(config: RunConfig) -> dict[str, str]:
-    """The API key an ``openai`` engine needs, from the driver's environment: checked here, before
-    any actor starts, and handed to the actors without entering the config."""
-    if config.engine.kind != "openai":
-        return {}
-    name = config.engine.api.api_key_env
-    if not os.environ.get(name):
-        raise UserError(f"engine openai needs an API key in the environment variable {name}")
-    return {name: os.environ[name]}
+    """What the engine needs from the driver's environment (an API key), handed to the actors
+    without entering the config."""
+    return engine_kind(config.engine.kind).secrets(config.engine)
 
 
 def _connect_ray() -> None:
@@ -362,12 +341,6 @@ def _connect_ray() -> None:
 
 
 def _resolve_device(config: RunConfig) -> RunConfig:
-    if config.engine.device != "auto" or config.engine.kind != "vllm":
-        return config
-    device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    if device == "cpu":
-        log.warning(
-            "engine.device auto: no GPU in the Ray cluster now, so engines run on CPU. On an "
-            "autoscaling cluster whose GPU workers start at zero, pass --device cuda."
-        )
-    return config.model_copy(update={"engine": config.engine.model_copy(update={"device": device})})
+    """``engine.device: auto`` as the kind resolves it against the Ray cluster now (vllm: cuda or cpu)."""
+    engine = engine_kind(config.engine.kind).resolve_device(config.engine)
+    return config if engine is config.engine else config.model_copy(update={"engine": engine})

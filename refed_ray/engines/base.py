@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from refed_ray.config import EngineConfig
+from refed_ray.engines.kinds import engine_kind
 from refed_ray.errors import UserError
 
 
@@ -89,16 +90,9 @@ class Engine(ABC):
 
 
 def create_engine(config: EngineConfig, rate_limiter=None) -> Engine:
-    """The engine ``config`` names; ``rate_limiter`` is the run's shared limiter (API engines)."""
-    if config.kind == "vllm":
-        from refed_ray.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config)
-    if config.kind == "openai":
-        from refed_ray.engines.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(config, rate_limiter)
-    return load_class(config.class_path)(config)
+    """The engine ``config`` names, built by its kind (engines/kinds.py); ``rate_limiter`` is the
+    run's shared limiter (API engines)."""
+    return engine_kind(config.kind).build(config, rate_limiter)
 
 
 def load_class(class_path: str | None) -> type[Engine]:

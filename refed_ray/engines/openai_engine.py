@@ -62,9 +62,7 @@ class OpenAIEngine(Engine):
         import openai
 
         api = config.api
-        key = os.environ.get(api.api_key_env)
-        if not key:
-            raise UserError(f"engine openai needs an API key in the environment variable {api.api_key_env}")
+        key = api_key(config)
         self._secrets = (key,)
         client_kwargs = dict(api_key=key, max_retries=api.max_retries, timeout=api.request_timeout_s)
         if api.azure_api_version:
@@ -229,6 +227,27 @@ class OpenAIEngine(Engine):
 
 class _SchemaUnsupported(Exception):
     """The server refused ``response_format: json_schema``."""
+
+
+def api_key(config: EngineConfig) -> str:
+    """The key in the environment variable ``engine.api.api_key_env``: on the driver before any
+    actor starts (the run's preflight), and in each actor, which gets it from the driver."""
+    name = config.api.api_key_env
+    key = os.environ.get(name)
+    if not key:
+        raise UserError(f"engine openai needs an API key in the environment variable {name}")
+    return key
+
+
+def api_secrets(config: EngineConfig) -> dict[str, str]:
+    """The key for the actors, handed over through the object store: never in the config."""
+    return {config.api.api_key_env: api_key(config)}
+
+
+def rate_limiter_args(config: EngineConfig) -> dict[str, Any]:
+    """The run's shared rate limiter as an engine-actor argument; none without a rate set."""
+    limiter = start_rate_limiter(config.api.requests_per_minute, config.api.tokens_per_minute)
+    return {"rate_limiter": [limiter]} if limiter else {}
 
 
 def start_rate_limiter(requests_per_minute: int | None, tokens_per_minute: int | None):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 import os
 import uuid
@@ -32,6 +33,9 @@ from typing import Any
 
 from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineDead, RequestRejected
+from refed_ray.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Tokens kept free after the prompt: a prompt that leaves fewer cannot produce a reply.
 _MIN_REPLY_TOKENS = 16
@@ -263,6 +267,34 @@ def actor_resources(config: EngineConfig) -> dict[str, Any]:
     if config.device == "cpu":
         return {"num_cpus": 1}
     return {"num_gpus": devices_per_engine(config)}
+
+
+def actor_options(config: EngineConfig) -> dict[str, Any]:
+    """Everything a vLLM engine actor asks Ray for: its resources and its runtime env."""
+    return {**actor_resources(config), "runtime_env": actor_runtime_env()}
+
+
+def check_model_folder(config: EngineConfig) -> None:
+    """On the driver: a local model folder must exist (hub ids and object-storage folders are
+    fetched later, by each node)."""
+    model = config.model or ""
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise UserError(f"engine.model {model!r} is not a folder on this machine")
+
+
+def resolve_device(config: EngineConfig) -> EngineConfig:
+    """``device: auto`` as the Ray cluster stands now: cuda when it has a GPU, else cpu."""
+    if config.device != "auto":
+        return config
+    import ray
+
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if device == "cpu":
+        log.warning(
+            "engine.device auto: no GPU in the Ray cluster now, so engines run on CPU. On an "
+            "autoscaling cluster whose GPU workers start at zero, pass --device cuda."
+        )
+    return config.model_copy(update={"device": device})
 
 
 def actor_runtime_env() -> dict[str, Any]:
