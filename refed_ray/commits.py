@@ -56,12 +56,13 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from refed_ray.errors import UserError
+from refed_ray.stages import PassName
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
 
 RUN_FILE = "run.json"  # the run that owns OUTPUT (written by output.py)
 DISCARDING = "discarding"  # in run.json while --force-new deletes the run it names
-PASSES = ("seeds", "feedback", "synthesis", "dedup", "judge")  # judge: under a compare or selection root
+PASSES = tuple(p.value for p in PassName)  # every pass (stages.py); judge: under a compare or selection root
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),
@@ -182,9 +183,11 @@ def start_attempt(storage: Storage, pass_name: str, shard: str, submission: str)
 
 
 class CommitLog:
-    """The committed shards of every pass, read from the index, the markers and the listings."""
+    """The committed shards of every pass, read from the index, the markers and the listings.
+    ``passes``: the passes it reads (a run's, by default; a pass committed under another Storage
+    root, such as a judge pass, names its own)."""
 
-    def __init__(self, storage: Storage, run_id: str | None = None):
+    def __init__(self, storage: Storage, run_id: str | None = None, passes: tuple[str, ...] = PASSES):
         self.storage = storage
         self.run_id = current_run_id(storage) if run_id is None else run_id
         self.present = {
@@ -192,7 +195,7 @@ class CommitLog:
         }
         self.commits: dict[str, dict[str, Commit]] = {}
         self.stray_markers: list[str] = []  # superseded, invalid, half-written or of another run
-        for pass_name in PASSES:
+        for pass_name in passes:
             self.commits[pass_name] = self._load(pass_name)
 
     def _load(self, pass_name: str) -> dict[str, Commit]:

@@ -232,6 +232,10 @@ class WorkersConfig(_Section):
     units_per_shard: int = Field(
         64, ge=1, description="work units per shard: the unit of commit, and of work redone when an actor dies"
     )
+    references_per_feedback_shard: int | None = Field(
+        None, ge=1, description="references per feedback shard (the feedback pass's unit of commit); "
+        "unset = workers.units_per_shard, as before this setting (same shard names on resume)"
+    )
     shards_in_flight: int = Field(
         2, ge=1, le=64, description="shards one actor works on at once (one finishing while the next fills the engine)"
     )
@@ -250,6 +254,9 @@ class WorkersConfig(_Section):
     hang_timeout_s: float = Field(
         900, gt=0, description="an engine with calls in flight and no answer for this long is restarted"
     )
+
+    def feedback_shard_size(self) -> int:
+        return self.references_per_feedback_shard or self.units_per_shard
 
 
 class RunConfig(_Section):

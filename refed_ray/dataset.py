@@ -1,6 +1,7 @@
 """The compacted dataset: committed samples as ``OUTPUT/dataset/gen-TOKEN/train-XXXXX-of-YYYYY.parquet``.
 
-Commit shards are how a run resumes; this is what users read, less the samples dedup dropped
+Commit shards are how a run resumes; this is what users read, less the samples the filters in
+force dropped (``kept.py``)
 (``datasets.load_dataset("parquet", data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about
 ``dataset_file_mb`` each, written in parallel by Ray Data, one task per file.
 
@@ -45,11 +46,11 @@ KEY_JOIN = "#"  # a dropped sample's key: unit_id#sample_index
 
 
 def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: int | None = None,
-                    dropped: pa.Table | None = None) -> dict[str, Any]:
-    """Bring OUTPUT/dataset up to date with the committed samples less the ``dropped`` ones
-    (``unit_id``, ``sample_index``: the dedup pass's), ``max_rows`` at most (a top-up may
-    overshoot N by part of a shard); returns its manifest."""
-    drops = _drops_by_file(log, dropped)
+                    drops: list[pa.Table] | None = None) -> dict[str, Any]:
+    """Bring OUTPUT/dataset up to date with the committed samples less the dropped ones (``drops``:
+    a ``unit_id``, ``sample_index`` table per filter in force, ``kept.dropped_keys``), ``max_rows``
+    at most (a top-up may overshoot N by part of a shard); returns its manifest."""
+    drops = _drops_by_file(log, pa.concat_tables(drops) if drops else None)
     files = _take_rows(log, max_rows, drops)
     digest = hashlib.sha256(json.dumps([files, sorted((f, sorted(d)) for f, d in drops.items())]).encode()).hexdigest()[:16]
     manifest = read_manifest(storage)

@@ -25,10 +25,10 @@ import pyarrow as pa
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.dedup import kept_samples
 from refed_ray.engines.kinds import engine_kind
 from refed_ray.errors import UserError
 from refed_ray.instructions import instruction_messages
+from refed_ray.kept import kept_samples
 from refed_ray.output import RUN_FILE
 from refed_ray.pipeline import Preflight, feedback_references, max_units, preflight
 from refed_ray.plan import (
@@ -38,11 +38,12 @@ from refed_ray.prompts import render
 from refed_ray.records import CHARS_PER_TOKEN, Feedback, Reference, WorkUnit
 from refed_ray.report import api_cost
 from refed_ray.sizing import GPUS, describe_shape, gpu_estimate, model_shape
+from refed_ray.stages import FEEDBACK_CALLS_PER_REFERENCE, SYNTHESIS_STAGES, PassName, Stage
 from refed_ray.stats import STAGES, StageStats, empty_stats, merge
 from refed_ray.status import pass_totals, run_config
 from refed_ray.storage import Storage
 
-CALLS_PER_REFERENCE = 2  # feedback: one call on the instruction, one on the response
+CALLS_PER_REFERENCE = FEEDBACK_CALLS_PER_REFERENCE  # feedback: one call on the instruction, one on the response
 
 
 def plan_run(
@@ -56,7 +57,7 @@ def plan_run(
     reference_ids = [ref.reference_id for ref in references]
     plan, pending = _plan_in_memory(checked.storage, committed, config, reference_ids)
     reached = feedback_references(reference_ids, config, plan.units)
-    have_feedback = committed.ids("feedback") if committed else set()
+    have_feedback = committed.ids(PassName.FEEDBACK) if committed else set()
     feedback_todo = [ref for ref in references if ref.reference_id in reached and ref.reference_id not in have_feedback]
     units = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
     k = config.instructions_per_aspect
@@ -128,7 +129,7 @@ def _plan_in_memory(
     """The run's own ``write_plan`` into memory (over a copy of OUTPUT's plan when the run
     resumes), and the shards it will schedule: exactly the run's numbers, nothing written."""
     memory = Storage(f"memory://refed-ray-plan-{uuid.uuid4().hex}")
-    keep = bool(committed and committed.commits["synthesis"])
+    keep = bool(committed and committed.commits[PassName.SYNTHESIS])
     try:
         if keep:
             for name in plan_files(storage):
@@ -137,7 +138,7 @@ def _plan_in_memory(
             memory, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
             config.workers.units_per_shard, keep_existing=keep,
         )
-        done = set(committed.commits["synthesis"]) if committed else set()
+        done = set(committed.commits[PassName.SYNTHESIS]) if committed else set()
         return summary, pending_shards(read_plan(memory, summary.files), done)
     finally:
         with suppress(FileNotFoundError):
@@ -146,10 +147,10 @@ def _plan_in_memory(
 
 def _engine_loads(config: RunConfig, feedback_references: int, shards: int) -> dict[str, int]:
     """As ``pipeline``'s passes size their actor pools: the feedback pass cuts its references into
-    shards of ``units_per_shard`` and starts one engine per ``feedback_references_per_engine``;
+    shards of ``workers.feedback_shard_size()`` and starts one engine per ``feedback_references_per_engine``;
     synthesis one per shard up to ``num_engines``. A top-up round, an actor restart, add loads."""
     workers = config.workers
-    feedback_shards = math.ceil(feedback_references / workers.units_per_shard)
+    feedback_shards = math.ceil(feedback_references / workers.feedback_shard_size())
     feedback = min(workers.num_engines, feedback_shards,
                    math.ceil(feedback_references / workers.feedback_references_per_engine))
     return {"feedback": feedback, "synthesis": min(workers.num_engines, shards)}
@@ -169,12 +170,12 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
     for stats in totals.values():
         merge(stages, stats.stages)
     accepted = kept_samples(totals)
-    references = stages["feedback"].rows_in
+    references = stages[Stage.FEEDBACK].rows_in
     if not accepted:
         raise UserError(f"--pilot {uri} has no accepted sample yet: wait for its first shards to commit")
     by_stage, calls = {}, {}
     for stage, stats in stages.items():
-        scale = (feedback_references / references if references else 0.0) if stage == "feedback" else samples / accepted
+        scale = (feedback_references / references if references else 0.0) if stage == Stage.FEEDBACK else samples / accepted
         by_stage[stage] = {"prompt_tokens": round(stats.prompt_tokens * scale),
                            "completion_tokens": round(stats.completion_tokens * scale)}
         calls[stage] = round(stats.calls * scale)
@@ -184,7 +185,7 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         "pilot": {"output": uri, "model": pilot_model, "accepted_samples": accepted, "feedback_references": references,
                   "same_model": pilot_model == config.model_name()},
         "per_sample": {stage: {kind: round(stages[stage].model_dump()[kind] / accepted, 1)
-                               for kind in ("prompt_tokens", "completion_tokens")} for stage in STAGES[1:]},
+                               for kind in ("prompt_tokens", "completion_tokens")} for stage in map(str, SYNTHESIS_STAGES)},
         "calls_expected": {**calls, "total": sum(calls.values())},
         **_totals(by_stage),
     }
@@ -204,7 +205,7 @@ def _tokens_from_budgets(
     if sampling.instruction_max_chars:
         unit_instructions = min(unit_instructions, k * _tokens(sampling.instruction_max_chars))
     refinement_fixed = _tokens_of(render("refinement", instruction="", response="", response_feedback=""))
-    by_stage = {stage: {"prompt_tokens": 0, "completion_tokens": 0} for stage in STAGES}
+    by_stage = {stage.value: {"prompt_tokens": 0, "completion_tokens": 0} for stage in STAGES}
     for ref in feedback_todo:
         by_stage["feedback"]["prompt_tokens"] += sum(
             _tokens_of(render(step, instruction=ref.instruction, response=ref.response))

@@ -7,8 +7,8 @@
   conversational format TRL's SFTTrainer and axolotl's chat templates take as is).
 
 It brings OUTPUT/dataset up to date first, with the settings the run recorded in ``run.json``:
-the current dedup commit (computed when the one left is stale: after a crash in a top-up round,
-synthesis shards were committed after it), then the compaction. It reads the files the dataset's
+the current commit of each filter in force (computed when the one left is stale: after a crash in
+a top-up round, synthesis shards were committed after it; ``kept.py``), then the compaction. It reads the files the dataset's
 manifest names through Ray Data: files are read and rows converted in parallel tasks; the driver
 only appends the converted lines to the one target file.
 """
@@ -23,11 +23,11 @@ import pyarrow as pa
 import ray
 
 from refed_ray.commits import CommitLog
-from refed_ray.config import DedupConfig
 from refed_ray.dataset import compact_dataset
-from refed_ray.dedup import deduplicate, dropped_keys
 from refed_ray.errors import UserError
+from refed_ray.kept import apply_filters, dropped_keys
 from refed_ray.records import RefedRow
+from refed_ray.status import run_config
 from refed_ray.storage import Storage
 
 _REFED_FIELDS = list(RefedRow.model_fields)
@@ -74,11 +74,10 @@ def export(
     log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
     if not ray.is_initialized():
         ray.init()
-    run_config = storage.read_json("run.json")["config"]
-    dedup_config = DedupConfig.model_validate(run_config["dedup"])
-    deduplicate(storage, log, dedup_config)
-    manifest = compact_dataset(storage, log, file_mb or run_config["dataset_file_mb"], max_rows=run_config["num_samples"],
-                               dropped=dropped_keys(storage, log, dedup_config))
+    config = run_config(storage)
+    apply_filters(storage, log, config)
+    manifest = compact_dataset(storage, log, file_mb or config.dataset_file_mb, max_rows=config.num_samples,
+                               drops=dropped_keys(storage, log, config))
     as_list = fmt in JSON_LIST_FORMATS
     target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if as_list else 'jsonl'}"
     count = 0

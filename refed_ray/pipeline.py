@@ -1,7 +1,7 @@
-"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> dedup -> top-up -> dataset -> report.
+"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> filters -> top-up -> dataset -> report.
 
-Nothing grows with N on the driver but the plan's shard list: both passes stream through Ray
-Data, one task per shard, and the driver only sees one small commit row per shard.
+Nothing grows with N on the driver but the plan's shard list: both engine passes stream through
+Ray Data, one task per shard (``passes.py``), and the driver only sees one small commit row per shard.
 """
 
 from __future__ import annotations
@@ -10,20 +10,21 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import ray
 
-from refed_ray import commits
-from refed_ray.commits import Commit, CommitLog
+from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dataset import compact_dataset
-from refed_ray.dedup import accepted_samples, deduplicate, dropped_keys
 from refed_ray.engines.kinds import engine_kind
-from refed_ray.errors import RunStopped, UserError
+from refed_ray.filters.dedup import DEDUP, deduplicate
+from refed_ray.kept import RUN_FILTERS, accepted_samples, dropped_keys, pass_totals
 from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
+from refed_ray.passes import (
+    FEEDBACK, INDEX_EVERY_SHARDS, SEEDS, SYNTHESIS, PassResult, commit_on_driver, run_engine_pass,
+)
 from refed_ray.plan import (
     pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )
@@ -32,28 +33,15 @@ from refed_ray.records import Feedback, Reference, Reject, to_table
 from refed_ray.report import build_report
 from refed_ray.restart_warning import explain_restart_warning
 from refed_ray.seeds import SeedSet, read_seeds
-from refed_ray.stats import ShardStats
+from refed_ray.stages import Stage
 from refed_ray.status import ProgressLog
 from refed_ray.storage import Storage
 from refed_ray.views import write_views_after_run
-from refed_ray.workers import MISCONFIGURED, OUTAGE, FeedbackWorker, SynthesisWorker
+from refed_ray.workers import FeedbackWorker, SynthesisWorker
 
 log = logging.getLogger(__name__)
-INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
 PROGRESS_EVERY_S = 60  # how often the driver logs its progress line
-
-
-@dataclass
-class PassResult:
-    shards: int = 0
-    seconds: float = 0.0
-    stats: ShardStats = field(default_factory=ShardStats)
-
-    def __iadd__(self, other: PassResult) -> PassResult:
-        self.shards += other.shards
-        self.seconds += other.seconds
-        self.stats += other.stats
-        return self
+__all__ = ["INDEX_EVERY_SHARDS", "PassResult"]  # the run's index cadence (tests set it here) and pass result
 
 
 @dataclass
@@ -95,7 +83,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     reference_ids = [ref.reference_id for ref in seeds.references]
     plan = write_plan(
         storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
-        config.workers.units_per_shard, keep_existing=bool(committed.commits["synthesis"]),
+        config.workers.units_per_shard, keep_existing=bool(committed.commits[SYNTHESIS.name]),
     )
     log.info("plan: %d units in %d shards over %d rounds, %d references",
              plan.units, plan.shards, plan.rounds, len(plan.references_used))
@@ -112,49 +100,59 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         "submission": uuid.uuid4().hex[:12],
         **_rate_limiter(config),
     }
-    units_before = len(committed.ids("synthesis"))
+    units_before = len(committed.ids(SYNTHESIS.name))
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
     _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
     synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))]}
     while True:
         this_run += _synthesis_pass(storage, committed, config, synthesis_args)
-        deduplicate(storage, committed, config.dedup)
+        _apply_filters(storage, committed, config)
         more = _top_up_units(committed, config, plan.units)
         if not more:
             break
         log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
-                 - accepted_samples(committed, config.dedup), config.num_samples, more)
+                 - accepted_samples(committed, config), config.num_samples, more)
         plan = write_plan(
             storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
             config.workers.units_per_shard, units=plan.units + more,
         )
     dataset = compact_dataset(storage, committed, config.dataset_file_mb, max_rows=config.num_samples,
-                              dropped=dropped_keys(storage, committed, config.dedup))
+                              drops=dropped_keys(storage, committed, config))
 
     quality = data_quality(storage, dataset["files"], seeds.references, config.dedup.ngram, config.seed)
     report = build_report(
         committed, config, seeds, plan, dataset, resumed=resumed, units_before=units_before,
         this_run=this_run, wall_seconds=time.time() - started, quality=quality,
     )
-    report["shortfall"] = _shortfall(config, report, plan.units)
+    report["shortfall"] = _shortfall(config, report, plan.units, pass_totals(committed, config))
     storage.write_json("report.json", report)
     write_views_after_run(storage, report)  # report.html and the dataset card
     return report
 
 
+def _apply_filters(storage: Storage, committed: CommitLog, config: RunConfig) -> None:
+    """Every run filter commits its drops over the committed samples (``kept.RUN_FILTERS``).
+    Dedup goes by its module-level name here: test_dedup.py stops a run in it."""
+    deduplicate(storage, committed, config.dedup)
+    for one in RUN_FILTERS:
+        if one is not DEDUP:
+            one.apply(storage, committed, one.settings(config))
+
+
 def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:
     """Units to add so that N samples are accepted despite rejects and duplicates."""
-    accepted = accepted_samples(committed, config.dedup)
+    accepted = accepted_samples(committed, config)
     short = config.num_samples - accepted
     budget = max_units(config) - planned_units
     if short > 0 and budget <= 0:
         log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                     config.num_samples, config.max_extra_units)
-    return top_up_units(short, accepted, len(committed.ids("synthesis")), config.instructions_per_aspect, budget)
+    return top_up_units(short, accepted, len(committed.ids(SYNTHESIS.name)), config.instructions_per_aspect, budget)
 
 
-def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int) -> dict[str, Any] | None:
+def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int,
+               totals: dict[str, Any]) -> dict[str, Any] | None:
     """Why a run delivered fewer than N samples and what completes it; None when it delivered N.
     The CLI exits with a status of its own on it (``errors.RunShort``)."""
     missing = config.num_samples - report["delivered"]
@@ -163,8 +161,8 @@ def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int) ->
     k, base = config.instructions_per_aspect, units_needed(config.num_samples, config.instructions_per_aspect)
     why = [f"{report['rejected_samples']} of {report['plan']['planned_samples']} planned samples were rejected "
            "(report.json: rejects.by_reason)"]
-    for prefix, units_that in _WHOLE_UNITS_LOST:
-        units = sum(n for reason, n in report["rejects"]["by_reason"].items() if reason.startswith(prefix))
+    for stage, prefix, units_that in _WHOLE_UNITS_LOST:
+        units = sum(t.rejected(stage, reason_prefix=prefix) for t in totals.values())
         if units:
             why.append(f"{units} units ({units * k} samples) {units_that}")
     if report["samples"] == 0:
@@ -185,10 +183,10 @@ def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int) ->
     return {"missing": missing, "message": message}
 
 
-# Reject reasons (report.json's rejects.by_reason) that lose whole units, and what to say of them.
+# Reject reasons (stage, reason's start) that lose whole units, and what to say of them.
 _WHOLE_UNITS_LOST = (
-    ("feedback: no feedback", "whose reference got no feedback"),
-    ("engine: shard abandoned", "in shards abandoned after workers.max_shard_attempts engine deaths"),
+    (Stage.FEEDBACK, "no feedback", "whose reference got no feedback"),
+    (Stage.ENGINE, "shard abandoned", "in shards abandoned after workers.max_shard_attempts engine deaths"),
 )
 _MAX_EXTRA_UNITS = next(m.le for m in RunConfig.model_fields["max_extra_units"].metadata if hasattr(m, "le"))
 
@@ -209,108 +207,41 @@ def max_units(config: RunConfig) -> int:
 
 def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet) -> None:
     """The seed rows skipped as bad or multi-turn, recorded once per output."""
-    if committed.commits["seeds"]:
+    if committed.commits[SEEDS.name]:
         return
     tables = {"rejects": to_table(seeds.skipped, Reject)}
-    shard = commits.shard_name("seeds", ["seeds"])
-    committed.add(commits.commit_shard(storage, "seeds", shard, ["seeds"], tables, ShardStats.of(tables, {})))
-    committed.write_index("seeds")
+    commit_on_driver(storage, committed, SEEDS.name, SEEDS.shard_name(["seeds"]), ["seeds"], tables)
 
 
 def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, references: list[Reference]) -> None:
-    done = committed.ids("feedback")
+    done = committed.ids(FEEDBACK.name)
     todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
     if not todo:
         return
-    size = config.workers.units_per_shard
-    shards = [todo[i:i + size] for i in range(0, len(todo), size)]
-    blocks = [
-        pa.Table.from_pylist([{"shard": commits.shard_name("feedback", [r["reference_id"] for r in shard]), **r}
-                              for r in shard])
-        for shard in shards
-    ]
+    blocks = FEEDBACK.cut(todo, "reference_id", config.workers.feedback_shard_size())
     log.info("collecting feedback on %d references in %d shards (%d already done)", len(todo), len(blocks), len(done))
     # A few calls a reference: a pool sized to that work, not to synthesis, so most engines load once.
     engines = min(len(blocks), math.ceil(len(todo) / config.workers.feedback_references_per_engine))
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        FeedbackWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, engines)
-    )
-    _drain(dataset, committed, "feedback")
+    run_engine_pass(FEEDBACK.name, blocks, FeedbackWorker, engine_args, committed, config=config, engines=engines,
+                    index_every=INDEX_EVERY_SHARDS)
 
 
 def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict) -> PassResult:
     plan = read_plan(storage)
-    blocks = pending_shards(plan, set(committed.commits["synthesis"]))
+    blocks = pending_shards(plan, set(committed.commits[SYNTHESIS.name]))
     if not blocks:
         return PassResult()
-    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(committed.commits["synthesis"]))
-    # One Ray block per shard: a task is one shard, and a retried task redoes one shard at most.
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        SynthesisWorker, fn_constructor_kwargs=engine_args, **_engine_map_args(config, len(blocks))
-    )
+    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(committed.commits[SYNTHESIS.name]))
     # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
-    with ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
-                     target=config.num_samples, every_s=PROGRESS_EVERY_S):
-        return _drain(dataset, committed, "synthesis")
-
-
-def _engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
-    """map_batches arguments shared by both engine passes: pool, resources, fault tolerance."""
-    workers = config.workers
-    resources = engine_kind(config.engine.kind).actor_resources(config.engine)
-    return dict(
-        batch_size=None,  # the whole block, i.e. the whole shard, is one batch
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            size=min(workers.num_engines, engines),  # no engine loads for a pass with less work
-            max_tasks_in_flight_per_actor=workers.shards_in_flight,
-            max_concurrent_calls_per_actor=workers.shards_in_flight,  # async actor: shards overlap
-        ),
-        # Ray 2.60 has no named parameter for these two yet, hence its deprecation warning on
-        # "ray_remote_args". Unbounded by default: spot clusters lose nodes as long as they run.
-        max_restarts=workers.max_restarts,
-        max_task_retries=workers.max_task_retries,
-        **resources,
-    )
-
-
-def _drain(dataset, committed: CommitLog, pass_name: str) -> PassResult:
-    """Run a pass to the end, absorbing its commits into the index as they come."""
-    result, started, unindexed = PassResult(), time.time(), 0
-    try:
-        # No prefetch: Ray Data's prefetcher holds each finished block back until the next one
-        # comes, so the driver (its index, its progress line) would learn of a commit a shard late.
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            for line in batch.column("commit").to_pylist():
-                commit = Commit.model_validate_json(line)
-                committed.add(commit)
-                result.stats += commit.stats
-                result.shards += 1
-                unindexed += 1
-            if unindexed >= INDEX_EVERY_SHARDS:
-                committed.write_index(pass_name)
-                unindexed = 0
-    except Exception as err:
-        if MISCONFIGURED in str(err):
-            reason = str(err).split(MISCONFIGURED + ": ", 1)[-1].splitlines()[0]
-            raise UserError(f"the {pass_name} pass stopped: {reason}") from None
-        if OUTAGE in str(err):
-            reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
-            raise RunStopped(
-                f"the {pass_name} pass stopped: the engine was unavailable ({reason}). Nothing was "
-                "recorded as rejected for it, and committed shards are kept: submit the same command "
-                "again to resume."
-            ) from None
-        raise
-    finally:
-        committed.write_index(pass_name)
-    result.seconds = time.time() - started
-    return result
+    progress = ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
+                           target=config.num_samples, every_s=PROGRESS_EVERY_S)
+    return run_engine_pass(SYNTHESIS.name, blocks, SynthesisWorker, engine_args, committed, config=config,
+                           engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS)
 
 
 def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback]:
     feedback: dict[str, Feedback] = {}
-    for name in committed.files("feedback"):
+    for name in committed.files(FEEDBACK.name):
         for row in storage.read_table(name).to_pylist():
             feedback.setdefault(row["reference_id"], Feedback(**row))
     return feedback

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from refed_ray.commits import shard_name
 from refed_ray.records import ASPECTS, WorkUnit
+from refed_ray.stages import PassName
 from refed_ray.storage import Storage
 
 PLAN_SCHEMA = pa.schema(
@@ -119,7 +120,7 @@ def write_plan(
     new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
     part, rows = len(files), []
     for shard in _batched(new_units, units_per_shard):
-        name = shard_name("synthesis", [u.unit_id for u in shard])
+        name = shard_name(PassName.SYNTHESIS, [u.unit_id for u in shard])
         rows += [{"shard": name, **u.model_dump()} for u in shard]
         if len(rows) >= ROWS_PER_PLAN_FILE:
             files.append(_write_part(storage, part, rows))

@@ -14,9 +14,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
+from refed_ray.stages import StageName
+
 Aspect = Literal["subject_areas", "relevant_skills"]
 ASPECTS: tuple[Aspect, ...] = ("subject_areas", "relevant_skills")
-Stage = Literal["seeds", "feedback", "instructions", "responses", "refinement", "dedup", "engine", "judge"]
+Stage = StageName  # the names live in stages.py
 
 # Free text (feedback, instructions, responses) is unbounded in the grammar unless a config sets
 # a char bound: a reply that runs past its step's max_tokens ends with finish_reason "length" and

@@ -10,10 +10,11 @@ from typing import Any
 
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.dedup import current_stats, kept_samples
+from refed_ray.kept import kept_samples, pass_totals
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
-from refed_ray.stats import StageStats, empty_stats, merge
+from refed_ray.stages import AFTER_INSTRUCTIONS, PassName, Stage
+from refed_ray.stats import ShardStats, StageStats, empty_stats, first_calls, merge
 
 
 def build_report(
@@ -29,28 +30,22 @@ def build_report(
     wall_seconds: float,
     quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    totals = {name: committed.stats(name) for name in ("seeds", "feedback", "synthesis")}
-    totals["dedup"] = current_stats(committed, config.dedup)  # the current dedup commit's, never a stale one's
+    totals = pass_totals(committed, config)  # the filters' current commits', never a stale one's
     stages = empty_stats()
     for stats in totals.values():
         merge(stages, stats.stages)
-    synthesis = committed.commits["synthesis"].values()
+    synthesis_totals, dedup_totals = totals[PassName.SYNTHESIS], totals[PassName.DEDUP]
+    synthesis = committed.commits[PassName.SYNTHESIS].values()
     redone = [c for c in synthesis if c.attempt > 1]
     samples = kept_samples(totals)
     lost = sum(t.lost_samples for t in totals.values())
-    duplicates = {stage: sum(n for reason, n in t.reject_reasons.items() if reason.startswith("dedup:"))
-                  for stage, t in (("in_unit", totals["synthesis"]), ("across_units", totals["dedup"]))}
+    duplicates = {"in_unit": synthesis_totals.rejected(Stage.DEDUP), "across_units": dedup_totals.rejected(Stage.DEDUP)}
     # Every instruction written became a sample, or a reject of one of these stages.
-    instructions = totals["synthesis"].samples + sum(
-        n for reason, n in totals["synthesis"].reject_reasons.items()
-        if reason.split(":")[0] in ("dedup", "responses", "refinement"))
+    instructions = synthesis_totals.samples + synthesis_totals.rejected(*AFTER_INSTRUCTIONS)
     planned_samples = plan.units * config.instructions_per_aspect
     units_committed = sum(len(c.ids) for c in synthesis)
     run_tokens = sum(s.completion_tokens for s in this_run.stats.stages.values())
-    reasons: dict[str, int] = {}
-    for stats in totals.values():
-        for reason, count in stats.reject_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + count
+    reasons = reasons_by_count(totals.values())
     return {
         "output": committed.storage.uri,
         "model": config.model_name(),
@@ -59,10 +54,10 @@ def build_report(
             "usable": len(seeds.references),
             "skipped": len(seeds.skipped),
             "used": len(plan.references_used),
-            "feedback_retried": sum(len(c.ids) for c in committed.commits["feedback"].values() if c.attempt > 1),
+            "feedback_retried": sum(len(c.ids) for c in committed.commits[PassName.FEEDBACK].values() if c.attempt > 1),
         },
-        "feedback_calls": stages["feedback"].calls,
-        "feedback_rows": stages["feedback"].rows_out,
+        "feedback_calls": sum(stages[s].calls for s in (Stage.FEEDBACK, Stage.SAMPLE_FEEDBACK) if s in stages),
+        "feedback_rows": stages[Stage.FEEDBACK].rows_out,
         "plan": {
             "units": plan.units,
             "shards": plan.shards,
@@ -78,16 +73,16 @@ def build_report(
             "resumed": units_before,
             "this_run": units_committed - units_before,
             "retried": sum(len(c.ids) for c in redone),
-            "rejected": totals["synthesis"].units_rejected,
+            "rejected": synthesis_totals.units_rejected,
         },
         "shards": {
             "planned": plan.shards,
-            "committed": len(committed.commits["synthesis"]),
+            "committed": len(committed.commits[PassName.SYNTHESIS]),
             "this_run": this_run.shards,
             "redone": len(redone),  # their work started more than once: an actor died, a run stopped
         },
         # Content failures: a reply that never validated, a prompt too long. Samples lost for good.
-        "rejects": {"samples_lost": lost, "by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))},
+        "rejects": {"samples_lost": lost, "by_reason": reasons},
         # Infrastructure failures: never rejects, retried until they pass or the run stops.
         "infrastructure": {
             "outage_retries": sum(t.outage_retries for t in totals.values()),
@@ -109,7 +104,8 @@ def build_report(
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
-        "stages": {name: s.model_dump() | {"retries": s.calls - _first_calls(name, s)} for name, s in stages.items()},
+        "stages": {name: s.model_dump(exclude={"first_calls"}) | {"retries": s.calls - first_calls(name, s)}
+                   for name, s in stages.items()},
         # Share of prompt tokens vLLM served from its prefix cache (0 for engines that do not say).
         "prefix_cache_hit_rate": round(
             sum(s.cached_prompt_tokens for s in stages.values()) / max(1, sum(s.prompt_tokens for s in stages.values())), 3
@@ -136,9 +132,13 @@ def api_cost(config: RunConfig, stages: dict[str, StageStats]) -> dict[str, Any]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total": round(total, 6)}
 
 
-def _first_calls(stage: str, stats: StageStats) -> int:
-    """Calls a stage makes when nothing is retried: feedback makes two per reference."""
-    return stats.rows_in * (2 if stage == "feedback" else 1)
+def reasons_by_count(totals) -> dict[str, int]:
+    """Reject rows of every pass in ``totals`` by "stage: reason", most frequent first (report.json's
+    ``rejects.by_reason``)."""
+    total = ShardStats()
+    for stats in totals:
+        total += stats
+    return dict(sorted(total.by_reason().items(), key=lambda kv: -kv[1]))
 
 
 def summary(report: dict[str, Any]) -> str:

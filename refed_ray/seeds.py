@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from refed_ray.errors import UserError
+from refed_ray.stages import Stage
 from refed_ray.records import Reference, Reject
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -77,7 +78,7 @@ def read_seeds(uri: str | None, max_bad_seeds: int, storage_options: dict | None
                 raise BadRow(f"duplicate id {reference.reference_id!r} (also {seen_ids[reference.reference_id]})")
         except BadRow as problem:
             reason = str(problem) if problem.bad else f"skipped: {problem}"
-            seeds.skipped.append(Reject(stage="seeds", reason=reason, source=source))
+            seeds.skipped.append(Reject(stage=Stage.SEEDS, reason=reason, source=source))
             continue
         seen_pairs[content] = seen_ids[reference.reference_id] = source
         seeds.references.append(reference)

@@ -10,9 +10,12 @@ import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-STAGES = ("feedback", "instructions", "responses", "refinement")
+from refed_ray.stages import RUN_STAGES, Stage
+
+STAGES = RUN_STAGES  # the stages every report lists (stages.py holds them all)
+REASON_SEPARATOR = ": "  # report.json's by_reason keys: "stage: reason" (stage names hold no colon)
 
 
 class StageStats(BaseModel):
@@ -20,12 +23,14 @@ class StageStats(BaseModel):
     rows_out: int = 0
     rejected: int = 0
     calls: int = 0
+    first_calls: int = 0  # one per question asked: calls beyond these are retries (0 in commits before it was counted)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # served from the engine's prefix cache (vLLM)
 
     def add_calls(self, *answers) -> None:
         for answer in answers:
+            self.first_calls += 1
             self.calls += answer.calls
             self.prompt_tokens += answer.prompt_tokens
             self.completion_tokens += answer.completion_tokens
@@ -44,7 +49,8 @@ class ShardStats(BaseModel):
     samples: int = 0
     lost_samples: int = 0  # planned samples the shard's rejects account for
     units_rejected: int = 0  # whole units lost (no feedback, no instructions, a poison shard)
-    reject_reasons: dict[str, int] = Field(default_factory=dict)  # "stage: reason" -> reject rows
+    # Reject rows by stage, then by reason category: kept apart, never parsed back from one string.
+    rejects: dict[str, dict[str, int]] = Field(default_factory=dict)
     # Infrastructure, never a sample's fault: calls that met an outage and were tried again.
     outage_retries: int = 0
 
@@ -52,9 +58,38 @@ class ShardStats(BaseModel):
         merge(self.stages, other.stages)
         for name in ("samples", "lost_samples", "units_rejected", "outage_retries"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for reason, count in other.reject_reasons.items():
-            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + count
+        for stage, reasons in other.rejects.items():
+            for reason, count in reasons.items():
+                self.count_reject(stage, reason, count)
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_flat_reasons(cls, data):
+        """Commits written before stage and reason were kept apart hold ``reject_reasons``
+        ({"stage: reason": rows}): read them into ``rejects``."""
+        if isinstance(data, dict) and "reject_reasons" in data:
+            data = dict(data)
+            rejects: dict[str, dict[str, int]] = {}
+            for key, count in data.pop("reject_reasons").items():
+                stage, _, reason = key.partition(REASON_SEPARATOR)
+                rejects.setdefault(stage, {})[reason] = rejects.get(stage, {}).get(reason, 0) + count
+            data["rejects"] = rejects
+        return data
+
+    def count_reject(self, stage: str, reason: str, count: int = 1) -> None:
+        by_reason = self.rejects.setdefault(stage, {})
+        by_reason[reason] = by_reason.get(reason, 0) + count
+
+    def rejected(self, *stages: str, reason_prefix: str = "") -> int:
+        """Reject rows of ``stages`` (all when none is named) whose reason starts with ``reason_prefix``."""
+        return sum(count for stage, reasons in self.rejects.items() if not stages or stage in stages
+                   for reason, count in reasons.items() if reason.startswith(reason_prefix))
+
+    def by_reason(self) -> dict[str, int]:
+        """Reject rows as report.json shows them: ``{"stage: reason": rows}``."""
+        return {f"{stage}{REASON_SEPARATOR}{reason}": count
+                for stage, reasons in self.rejects.items() for reason, count in reasons.items()}
 
     @classmethod
     def of(cls, tables: dict[str, pa.Table], stages: dict[str, StageStats], outage_retries: int = 0) -> ShardStats:
@@ -69,8 +104,7 @@ class ShardStats(BaseModel):
             whole = pc.and_(pc.equal(rejects.column("sample_index"), -1), pc.not_equal(rejects.column("unit_id"), ""))
             stats.units_rejected = pc.sum(pc.cast(whole, "int64")).as_py() or 0
             for stage, reason in zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist()):
-                key = f"{stage}: {reason_category(reason)}"
-                stats.reject_reasons[key] = stats.reject_reasons.get(key, 0) + 1
+                stats.count_reject(stage, reason_category(reason))
         return stats
 
 
@@ -82,7 +116,16 @@ def reason_category(reason: str) -> str:
 
 
 def empty_stats() -> dict[str, StageStats]:
-    return {stage: StageStats() for stage in STAGES}
+    return {stage.value: StageStats() for stage in STAGES}
+
+
+def first_calls(stage: str, stats: StageStats) -> int:
+    """Calls a stage made when nothing is retried: its questions asked. Commits written before
+    those were counted tell only rows: reference-level feedback asked two questions a row then."""
+    if stats.first_calls or not stats.calls:
+        return stats.first_calls
+    legacy_per_row = 2 if stage == Stage.FEEDBACK else 1
+    return stats.rows_in * legacy_per_row
 
 
 def merge(total: dict[str, StageStats], part: dict[str, dict | StageStats]) -> None:

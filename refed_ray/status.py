@@ -26,11 +26,14 @@ from pydantic import ValidationError
 
 from refed_ray.commits import Commit, CommitLog
 from refed_ray.config import RunConfig, format_validation_error
-from refed_ray.dedup import StaleDedup, current_stats, kept_samples
 from refed_ray.errors import UserError
+from refed_ray.filters.dedup import DEDUP
+from refed_ray.kept import filter_applied, kept_samples
+from refed_ray.kept import pass_totals as _pass_totals
 from refed_ray.output import RUN_FILE
 from refed_ray.plan import plan_files, summarize, units_needed
-from refed_ray.report import api_cost
+from refed_ray.report import api_cost, reasons_by_count
+from refed_ray.stages import PassName
 from refed_ray.stats import ShardStats, empty_stats, merge
 from refed_ray.storage import Storage
 
@@ -114,7 +117,7 @@ class ProgressLog:
         self._thread = threading.Thread(target=self._loop, name="refed-ray-progress", daemon=True)
 
     def figures(self) -> Progress:
-        commits = list(self.committed.commits["synthesis"].values())
+        commits = list(self.committed.commits[PassName.SYNTHESIS].values())
         return progress_figures(commits, **self.plan, started=self.started, now=time.time())
 
     def __enter__(self) -> Self:
@@ -144,18 +147,10 @@ def read_status(storage: Storage, now: float | None = None) -> dict[str, Any]:
 
 
 def pass_totals(committed: CommitLog, config: RunConfig) -> dict[str, ShardStats]:
-    """Each pass's summed counters, as report.json sums them: dedup's are the current dedup
-    commit's (none while dedup has not run over the committed synthesis shards)."""
-    totals = {pass_name: committed.stats(pass_name) for pass_name in committed.commits}
-    totals["dedup"] = _current_dedup(committed, config) or ShardStats()
-    return totals
-
-
-def _current_dedup(committed: CommitLog, config: RunConfig) -> ShardStats | None:
-    try:
-        return current_stats(committed, config.dedup) if config.dedup.enabled else None
-    except StaleDedup:  # a pass or a top-up round in progress: dedup comes after it
-        return None
+    """Each pass's summed counters, as report.json sums them (``kept.pass_totals``): a filter not
+    yet applied over the committed synthesis shards (a pass or a top-up round in progress: filters
+    come after it) counts nothing yet."""
+    return _pass_totals(committed, config, stale_ok=True)
 
 
 def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
@@ -168,19 +163,17 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
     plan = summarize(storage, parts) if parts else None
     clock = _RunClock.of(times, committed, time.time() if now is None else now)
     k = config.instructions_per_aspect
-    synthesis = list(committed.commits["synthesis"].values())
+    synthesis = list(committed.commits[PassName.SYNTHESIS].values())
     units_planned = plan.units if plan else 0
     totals = pass_totals(committed, config)
+    samples = kept_samples(totals)
     progress = progress_figures(
         synthesis, units_planned=units_planned, k=k, target=config.num_samples, started=clock.started,
-        now=clock.end, dropped=totals["dedup"].lost_samples,
+        now=clock.end, dropped=totals[PassName.SYNTHESIS].samples - samples,
     )
     stages = empty_stats()
-    reasons: dict[str, int] = {}
     for stats in totals.values():
         merge(stages, stats.stages)
-        for reason, count in stats.reject_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + count
     return {
         "output": storage.uri,
         "model": config.model_name(),
@@ -191,11 +184,11 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
         "last_activity_age_s": round(clock.quiet_for, 1),
         "looks_alive": clock.state == "running",
         "num_samples": config.num_samples,
-        "samples": kept_samples(totals),
+        "samples": samples,
         "passes": {
             "feedback": {
-                "shards_committed": len(committed.commits["feedback"]),
-                "references_committed": len(committed.ids("feedback")),
+                "shards_committed": len(committed.commits[PassName.FEEDBACK]),
+                "references_committed": len(committed.ids(PassName.FEEDBACK)),
                 "references_in_plan": len(plan.references_used) if plan else None,
             },
             "synthesis": {
@@ -203,22 +196,22 @@ def _read_status(storage: Storage, now: float | None) -> dict[str, Any]:
                 "shards_planned": plan.shards if plan else None,
                 "units_committed": progress.units_done,
                 "units_planned": units_planned,
-                "samples_committed": totals["synthesis"].samples,
+                "samples_committed": totals[PassName.SYNTHESIS].samples,
                 "samples_planned": units_planned * k,
             },
-            "dedup": {"enabled": config.dedup.enabled, "done": _current_dedup(committed, config) is not None,
-                      "dropped": totals["dedup"].lost_samples},
+            "dedup": {"enabled": config.dedup.enabled, "done": filter_applied(DEDUP, committed, config),
+                      "dropped": totals[PassName.DEDUP].lost_samples},
         },
         "samples_per_hour": {"last_10_min": progress.samples_per_hour_recent, "run": progress.samples_per_hour},
         "eta_seconds": None if progress.eta_seconds is None else round(progress.eta_seconds),
         "yield": progress.yield_,
         "rejects": {
             "samples_lost": sum(stats.lost_samples for stats in totals.values()),
-            "by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "by_reason": reasons_by_count(totals.values()),
         },
         # Work started more than once: an engine died (or a run stopped) while the shard ran.
         "shards_redone": {p: sum(1 for c in committed.commits[p].values() if c.attempt > 1)
-                          for p in ("feedback", "synthesis")},
+                          for p in (PassName.FEEDBACK, PassName.SYNTHESIS)},
         "top_up": _top_up(storage, parts, units_planned, config),
         "cost": api_cost(config, stages),
     }

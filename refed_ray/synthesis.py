@@ -17,10 +17,10 @@ from refed_ray.records import Feedback, Reject, Sample, WorkUnit
 from refed_ray.refinement import refine_response
 from refed_ray.responses import synthesize_response
 from refed_ray.similarity import near_duplicates_within
+from refed_ray.stages import SYNTHESIS_STAGES, Stage
 from refed_ray.stats import StageStats
 from refed_ray.structured import Answer, derive_seed
 
-SYNTHESIS_STAGES = ("instructions", "responses", "refinement")
 
 
 @dataclass
@@ -28,7 +28,7 @@ class UnitResult:
     samples: list[Sample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     stats: dict[str, StageStats] = field(
-        default_factory=lambda: {stage: StageStats() for stage in SYNTHESIS_STAGES}
+        default_factory=lambda: {stage.value: StageStats() for stage in SYNTHESIS_STAGES}
     )
 
 
@@ -39,7 +39,7 @@ async def synthesize_unit(
     result = UnitResult()
     if feedback is None:
         result.rejects.append(
-            _reject(unit, "feedback", "no feedback for this reference: its collection failed", k)
+            _reject(unit, Stage.FEEDBACK, "no feedback for this reference: its collection failed", k)
         )
         return result
     planned = await synthesize_instructions(engine, unit, feedback, config)
@@ -55,7 +55,7 @@ async def synthesize_unit(
     duplicates = _duplicates(instructions, feedback, config)
     for index, original in duplicates.items():
         why = f"near-duplicate of {original} (Jaccard >= {config.dedup.threshold:g})"
-        result.rejects.append(_reject(unit, "dedup", why, 1, index, instructions[index]))
+        result.rejects.append(_reject(unit, Stage.DEDUP, why, 1, index, instructions[index]))
     chains = [
         _one_sample(engine, unit, feedback, index, instruction, config)
         for index, instruction in enumerate(instructions) if index not in duplicates

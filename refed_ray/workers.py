@@ -28,6 +28,7 @@ from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavai
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.feedback import collect_feedback
 from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
+from refed_ray.stages import PassName, Stage
 from refed_ray.stats import ShardStats, StageStats, merge
 from refed_ray.storage import Storage
 from refed_ray.synthesis import synthesize_unit
@@ -143,7 +144,7 @@ def _abandon_reason(deaths: int) -> str:
 class FeedbackWorker(_EngineWorker):
     """Stage 1 over a shard of references."""
 
-    pass_name = "feedback"
+    pass_name = PassName.FEEDBACK
     id_column = "reference_id"
 
     async def process(self, rows):
@@ -158,10 +159,10 @@ class FeedbackWorker(_EngineWorker):
             "feedback": to_table([r.feedback for r in results if r.feedback], Feedback),
             "rejects": to_table([reject for r in results for reject in r.rejects], Reject),
         }
-        return tables, {"feedback": stats}
+        return tables, {Stage.FEEDBACK.value: stats}
 
     def abandon(self, rows, attempts):
-        rejects = [Reject(stage="feedback", reason=_abandon_reason(attempts), reference_id=row["reference_id"],
+        rejects = [Reject(stage=Stage.FEEDBACK, reason=_abandon_reason(attempts), reference_id=row["reference_id"],
                           source=row["source"]) for row in rows]
         return {"rejects": to_table(rejects, Reject)}
 
@@ -169,7 +170,7 @@ class FeedbackWorker(_EngineWorker):
 class SynthesisWorker(_EngineWorker):
     """Stages 2-4 over a shard of work units, with the broadcast feedback table."""
 
-    pass_name = "synthesis"
+    pass_name = PassName.SYNTHESIS
     id_column = "unit_id"
 
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef], **kwargs):
@@ -193,7 +194,7 @@ class SynthesisWorker(_EngineWorker):
 
     def abandon(self, rows, attempts):
         k = self.config.instructions_per_aspect
-        rejects = [Reject(stage="engine", reason=_abandon_reason(attempts), unit_id=row["unit_id"],
+        rejects = [Reject(stage=Stage.ENGINE, reason=_abandon_reason(attempts), unit_id=row["unit_id"],
                           reference_id=row["reference_id"], aspect=row["aspect"], lost_samples=k)
                    for row in rows]
         return {"rejects": to_table(rejects, Reject)}

@@ -10,11 +10,12 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from refed_ray import commits, dedup, pipeline
+from refed_ray import commits, pipeline
 from refed_ray.commits import CommitLog
 from refed_ray.config import DedupConfig
 from refed_ray.dataset import dataset_files
 from refed_ray.export import export
+from refed_ray.filters import dedup
 from refed_ray.pipeline import run
 from refed_ray.records import Sample, to_table
 from refed_ray.similarity import jaccard, lsh_bands, near_duplicates_within, signatures

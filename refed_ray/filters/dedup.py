@@ -16,15 +16,9 @@ whole run:
    sample (ids follow the committed shard files in a stable order); it holds duplicate pairs only.
 
 No process holds every signature. The result is one commit of pass ``dedup`` (its rejects,
-stage "dedup", one row per dropped sample naming the sample kept), named by the synthesis shards
-it covers and the dedup settings, so a resume reuses it and a top-up replaces it. It is a pure
-function of the committed samples: a run killed in here recomputes it, never half-counts it.
-
-One rule decides which dedup commit applies (``current_commit``): the one named by exactly the
-committed synthesis shards and the current settings. Another one left in OUTPUT (a kill before
-``deduplicate`` deleted it, or a crash in a top-up round before its dedup) is stale and never
-applied: the run, the report and export use the current one, and ``deduplicate`` computes it when
-it is missing.
+stage "dedup", one row per dropped sample naming the sample kept): dedup is a filter
+(``filters/base.py``), so that commit is named by the synthesis shards it covers and the dedup
+settings, a resume reuses it, a top-up replaces it, and a stale one is never applied.
 """
 
 from __future__ import annotations
@@ -38,12 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from refed_ray import commits
+from refed_ray import commits  # noqa: F401  (test_dedup patches commits.commit_shard through this name)
 from refed_ray.commits import Commit, CommitLog
-from refed_ray.config import DedupConfig
+from refed_ray.config import DedupConfig, RunConfig
+from refed_ray.filters.base import Filter, StaleFilter
 from refed_ray.records import Reject, to_table
 from refed_ray.similarity import band_keys, lsh_bands, signatures
-from refed_ray.stats import ShardStats
+from refed_ray.stages import PassName, Stage
 from refed_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -55,84 +50,46 @@ def reason(config: DedupConfig) -> str:
     return f"near-duplicate of an earlier instruction of the run (Jaccard >= {config.threshold:g})"
 
 
+class DedupFilter(Filter):
+    name = PassName.DEDUP
+
+    def settings(self, config: RunConfig) -> DedupConfig:
+        return config.dedup
+
+    def enabled(self, settings: DedupConfig) -> bool:
+        return settings.enabled
+
+    def find_drops(self, storage: Storage, committed: CommitLog, settings: DedupConfig) -> pa.Table:
+        return _find_duplicates(storage, committed, settings)
+
+    def delete_stale(self, storage: Storage, committed: CommitLog, keep: str | None) -> None:
+        _delete_stale(storage, committed, keep)  # through the module's name: test_dedup kills a run in it
+
+
+DEDUP = DedupFilter()
+StaleDedup = StaleFilter
+
+
 def deduplicate(storage: Storage, committed: CommitLog, config: DedupConfig) -> Commit | None:
-    """The current dedup commit: reused when there is one, computed and committed otherwise.
-    Superseded dedup commits are deleted (from the log first: after this, the log holds the
-    current commit only)."""
-    if not config.enabled:
-        _delete_stale(storage, committed, keep=None)
-        return None
-    name = current_name(committed, config)
-    commit = committed.commits["dedup"].get(name)
-    if commit is None:
-        tables = {"rejects": _find_duplicates(storage, committed, config)}
-        commit = commits.commit_shard(storage, "dedup", name, [name], tables, ShardStats.of(tables, {}))
-        committed.add(commit)
-        log.info("dedup: %d near-duplicate samples dropped", commit.stats.lost_samples)
-    _delete_stale(storage, committed, keep=name)
-    return commit
+    """The current dedup commit: reused when there is one, computed and committed otherwise
+    (``Filter.apply``)."""
+    return DEDUP.apply(storage, committed, config)
 
 
 def current_name(committed: CommitLog, config: DedupConfig) -> str:
-    """The name of the dedup commit that applies: it covers exactly the committed synthesis
-    shards, with these settings."""
-    return commits.shard_name("dedup", sorted(committed.commits["synthesis"]) + [config.model_dump_json()])
+    return DEDUP.current_name(committed, config)
 
 
 def current_commit(committed: CommitLog, config: DedupConfig) -> Commit | None:
-    """The dedup commit that applies (None when dedup is off). Raises ``StaleDedup`` when dedup is
-    on and no commit covers the committed synthesis shards: ``deduplicate`` first."""
-    if not config.enabled:
-        return None
-    commit = committed.commits["dedup"].get(current_name(committed, config))
-    if commit is None:
-        raise StaleDedup(
-            f"no dedup commit covers the {len(committed.commits['synthesis'])} committed synthesis shards "
-            f"with these settings (found {len(committed.commits['dedup'])} stale): run deduplicate first"
-        )
-    return commit
-
-
-def current_stats(committed: CommitLog, config: DedupConfig) -> ShardStats:
-    """The counters of the current dedup commit (none when dedup is off)."""
-    commit = current_commit(committed, config)
-    return commit.stats if commit else ShardStats()
-
-
-def accepted_samples(committed: CommitLog, config: DedupConfig) -> int:
-    """Samples committed by synthesis and kept by the current dedup commit."""
-    return kept_samples({"synthesis": committed.stats("synthesis"), "dedup": current_stats(committed, config)})
-
-
-def kept_samples(totals: dict[str, ShardStats]) -> int:
-    """Samples kept, from the passes' summed counters: committed by synthesis, less the ones the
-    dedup commit in ``totals`` drops. The one place this is computed."""
-    return totals["synthesis"].samples - totals["dedup"].lost_samples
+    return DEDUP.current_commit(committed, config)
 
 
 def dropped_keys(storage: Storage, committed: CommitLog, config: DedupConfig) -> pa.Table:
-    """``(unit_id, sample_index)`` of the samples the current dedup commit drops."""
-    schema = pa.schema([("unit_id", pa.string()), ("sample_index", pa.int64())])
-    commit = current_commit(committed, config)
-    if commit is None:
-        return schema.empty_table()
-    tables = [storage.read_table(f).select(schema.names) for f in commit.files if f.startswith("rejects/")]
-    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
-
-
-class StaleDedup(RuntimeError):
-    """Dedup has not run over the committed synthesis shards (a caller skipped ``deduplicate``)."""
+    return DEDUP.dropped_keys(storage, committed, config)
 
 
 def _delete_stale(storage: Storage, committed: CommitLog, keep: str | None) -> None:
-    stale = [c for shard, c in committed.commits["dedup"].items() if shard != keep]
-    if not stale and (keep is None or storage.exists("_index/dedup.parquet")):
-        return
-    for commit in stale:
-        del committed.commits["dedup"][commit.shard]
-    committed.write_index("dedup")  # first: the index no longer names what is deleted next
-    markers = set(storage.list("_markers/dedup")) & {c.marker for c in stale}  # absorbed ones are gone
-    storage.delete_many([f for c in stale for f in c.files] + sorted(markers))
+    Filter.delete_stale(DEDUP, storage, committed, keep)
 
 
 # ---- the pass ------------------------------------------------------------------------------
@@ -269,7 +226,7 @@ def _rejects(blocks, starts, dropped: np.ndarray, kept: np.ndarray, location: di
     for gone, stays in zip(dropped.tolist(), kept.tolist()):
         sample, original = described[gone], described[stays]
         rows.append(Reject(
-            stage="dedup", reason=why, unit_id=sample["unit_id"], reference_id=sample["reference_id"],
+            stage=Stage.DEDUP, reason=why, unit_id=sample["unit_id"], reference_id=sample["reference_id"],
             aspect=sample["aspect"], sample_index=sample["sample_index"], lost_samples=1,
             detail=(f"kept {original['unit_id']}#{original['sample_index']}: "
                     f"{sample['instruction'][:DETAIL_CHARS]}"),
