@@ -43,7 +43,7 @@ from refed_ray.stats import STAGES, StageStats, empty_stats, merge
 from refed_ray.status import pass_totals, run_config
 from refed_ray.storage import Storage
 
-CALLS_PER_REFERENCE = FEEDBACK_CALLS_PER_REFERENCE  # feedback: one call on the instruction, one on the response
+CALLS_PER_REFERENCE = FEEDBACK_CALLS_PER_REFERENCE  # one call on the instruction, one on the response
 
 
 def plan_run(
@@ -175,7 +175,8 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         raise UserError(f"--pilot {uri} has no accepted sample yet: wait for its first shards to commit")
     by_stage, calls = {}, {}
     for stage, stats in stages.items():
-        scale = (feedback_references / references if references else 0.0) if stage == Stage.FEEDBACK else samples / accepted
+        per_reference = feedback_references / references if references else 0.0
+        scale = per_reference if stage == Stage.FEEDBACK else samples / accepted
         by_stage[stage] = {"prompt_tokens": round(stats.prompt_tokens * scale),
                            "completion_tokens": round(stats.completion_tokens * scale)}
         calls[stage] = round(stats.calls * scale)
@@ -185,7 +186,8 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         "pilot": {"output": uri, "model": pilot_model, "accepted_samples": accepted, "feedback_references": references,
                   "same_model": pilot_model == config.model_name()},
         "per_sample": {stage: {kind: round(stages[stage].model_dump()[kind] / accepted, 1)
-                               for kind in ("prompt_tokens", "completion_tokens")} for stage in map(str, SYNTHESIS_STAGES)},
+                               for kind in ("prompt_tokens", "completion_tokens")}
+                       for stage in map(str, SYNTHESIS_STAGES)},
         "calls_expected": {**calls, "total": sum(calls.values())},
         **_totals(by_stage),
     }

@@ -8,7 +8,8 @@
 
 It brings OUTPUT/dataset up to date first, with the settings the run recorded in ``run.json``:
 the current commit of each filter in force (computed when the one left is stale: after a crash in
-a top-up round, synthesis shards were committed after it; ``kept.py``), then the compaction. It reads the files the dataset's
+a top-up round, synthesis shards were committed after it; ``kept.py``), then the compaction.
+It reads the files the dataset's
 manifest names through Ray Data: files are read and rows converted in parallel tasks; the driver
 only appends the converted lines to the one target file.
 """

@@ -46,7 +46,8 @@ def filter_applied(one: Filter, committed: CommitLog, config: RunConfig) -> bool
 def kept_samples(totals: dict[str, ShardStats]) -> int:
     """Samples kept, from the passes' summed counters (``pass_totals``): committed by synthesis,
     less the ones the filters' commits in ``totals`` drop."""
-    return totals[PassName.SYNTHESIS].samples - sum(totals[f.name].lost_samples for f in RUN_FILTERS if f.name in totals)
+    dropped = sum(totals[f.name].lost_samples for f in RUN_FILTERS if f.name in totals)
+    return totals[PassName.SYNTHESIS].samples - dropped
 
 
 def accepted_samples(committed: CommitLog, config: RunConfig) -> int:

@@ -74,8 +74,8 @@ class Pass:
     def cut(self, rows: list[dict[str, Any]], id_key: str, size: int) -> list[pa.Table]:
         """``rows`` in shards of ``size`` consecutive rows, one table each, with its ``shard`` name."""
         shards = [rows[i:i + size] for i in range(0, len(rows), size)]
-        return [pa.Table.from_pylist([{"shard": self.shard_name([r[id_key] for r in shard]), **r} for r in shard])
-                for shard in shards]
+        named = [(self.shard_name([r[id_key] for r in shard]), shard) for shard in shards]
+        return [pa.Table.from_pylist([{"shard": name, **r} for r in shard]) for name, shard in named]
 
     def pending(self, blocks: list[pa.Table], committed: CommitLog) -> list[pa.Table]:
         """The blocks whose shard is not committed yet."""

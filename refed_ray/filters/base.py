@@ -71,7 +71,8 @@ class Filter:
     def current_name(self, committed: CommitLog, settings: BaseModel) -> str:
         """The name of the commit that applies: it covers exactly the committed synthesis shards,
         with these settings."""
-        return commits.shard_name(self.name, sorted(committed.commits[PassName.SYNTHESIS]) + [settings.model_dump_json()])
+        covered = sorted(committed.commits[PassName.SYNTHESIS])
+        return commits.shard_name(self.name, covered + [settings.model_dump_json()])
 
     def current_commit(self, committed: CommitLog, settings: BaseModel) -> Commit | None:
         """The commit that applies (None when the filter is off). Raises ``StaleFilter`` when it is
@@ -80,10 +81,9 @@ class Filter:
             return None
         commit = committed.commits[self.name].get(self.current_name(committed, settings))
         if commit is None:
-            raise StaleFilter(
-                f"no {self.name} commit covers the {len(committed.commits[PassName.SYNTHESIS])} committed synthesis "
-                f"shards with these settings (found {len(committed.commits[self.name])} stale): apply it first"
-            )
+            shards, stale = len(committed.commits[PassName.SYNTHESIS]), len(committed.commits[self.name])
+            raise StaleFilter(f"no {self.name} commit covers the {shards} committed synthesis shards with "
+                              f"these settings (found {stale} stale): apply it first")
         return commit
 
     def current_stats(self, committed: CommitLog, settings: BaseModel) -> ShardStats:
@@ -96,7 +96,8 @@ class Filter:
         commit = self.current_commit(committed, settings)
         if commit is None:
             return DROPPED_SCHEMA.empty_table()
-        tables = [storage.read_table(f).select(DROPPED_SCHEMA.names) for f in commit.files if f.startswith("rejects/")]
+        names = DROPPED_SCHEMA.names
+        tables = [storage.read_table(f).select(names) for f in commit.files if f.startswith("rejects/")]
         return pa.concat_tables(tables).cast(DROPPED_SCHEMA) if tables else DROPPED_SCHEMA.empty_table()
 
     def delete_stale(self, storage: Storage, committed: CommitLog, keep: str | None) -> None:
