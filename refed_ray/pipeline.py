@@ -25,6 +25,8 @@ from refed_ray.output import check_output, refuse_local_output_on_cluster, run_f
 from refed_ray.passes import (
     FEEDBACK, INDEX_EVERY_SHARDS, SEEDS, SYNTHESIS, PassResult, commit_on_driver, run_engine_pass,
 )
+# The run's map_batches arguments, under the name test_engine_kinds.py reads.
+from refed_ray.passes import engine_map_args as _engine_map_args  # noqa: F401
 from refed_ray.plan import (
     pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )
