@@ -86,6 +86,11 @@ class ShardStats(BaseModel):
         return sum(count for stage, reasons in self.rejects.items() if not stages or stage in stages
                    for reason, count in reasons.items() if reason.startswith(reason_prefix))
 
+    @property
+    def reject_reasons(self) -> dict[str, int]:
+        """The flat ``{"stage: reason": rows}`` view (as commits held it before); prefer ``rejects``."""
+        return self.by_reason()
+
     def by_reason(self) -> dict[str, int]:
         """Reject rows as report.json shows them: ``{"stage: reason": rows}``."""
         return {f"{stage}{REASON_SEPARATOR}{reason}": count
