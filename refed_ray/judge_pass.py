@@ -31,6 +31,7 @@ from refed_ray.config import (
 )
 from refed_ray.errors import UserError
 from refed_ray.judge import STAGE, JudgeSampling, judge_pair, pair_reject
+from refed_ray.passes import run_engine_pass
 from refed_ray.prompts import template
 from refed_ray.records import Reject, to_table
 from refed_ray.stats import StageStats
@@ -168,8 +169,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     ``root``; ``judged`` says what the pairs are (part of the root's fingerprint). Returns the
     root's commit log: its verdicts (``read_verdicts``) and its counters (``.stats("judge")``).
 
-    The one function the integrator moves onto ``passes.py``: it reuses the run's pass machinery
-    (``pipeline._engine_map_args``, ``_drain``, the engine checks) as it is."""
+    An engine pass like the run's (``passes.run_engine_pass``), with the run's engine checks."""
     from refed_ray import pipeline
 
     config = judge.run_config(root)
@@ -193,10 +193,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
         "submission": uuid.uuid4().hex[:12],
         **pipeline._rate_limiter(config),
     }
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        JudgeWorker, fn_constructor_kwargs=engine_args, **pipeline._engine_map_args(config, len(blocks))
-    )
-    pipeline._drain(dataset, committed, STAGE)
+    run_engine_pass(STAGE, blocks, JudgeWorker, engine_args, committed, config=config, engines=len(blocks))
     return committed
 
 
