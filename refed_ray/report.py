@@ -12,8 +12,11 @@ from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.dedup import current_stats, kept_samples
 from refed_ray.plan import PlanSummary, units_needed
+from refed_ray.refiners import refiner_for
 from refed_ray.seeds import SeedSet
 from refed_ray.stats import StageStats, empty_stats, merge
+
+FEEDBACK_STAGES = ("feedback", "sample_feedback")  # the stages whose calls are feedback calls
 
 
 def build_report(
@@ -61,7 +64,9 @@ def build_report(
             "used": len(plan.references_used),
             "feedback_retried": sum(len(c.ids) for c in committed.commits["feedback"].values() if c.attempt > 1),
         },
-        "feedback_calls": stages["feedback"].calls,
+        # Every feedback call: per reference, and per sample in feedback mode sample.
+        "feedback_calls": sum(stages[stage].calls for stage in FEEDBACK_STAGES if stage in stages),
+        "feedback_mode": config.feedback.mode,
         "feedback_rows": stages["feedback"].rows_out,
         "plan": {
             "units": plan.units,
@@ -109,7 +114,8 @@ def build_report(
         "rejected_samples": lost,
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
-        "stages": {name: s.model_dump() | {"retries": s.calls - _first_calls(name, s)} for name, s in stages.items()},
+        "stages": {name: s.model_dump() | {"retries": s.calls - _first_calls(name, s, config)}
+                   for name, s in stages.items()},
         # Share of prompt tokens vLLM served from its prefix cache (0 for engines that do not say).
         "prefix_cache_hit_rate": round(
             sum(s.cached_prompt_tokens for s in stages.values()) / max(1, sum(s.prompt_tokens for s in stages.values())), 3
@@ -136,9 +142,12 @@ def api_cost(config: RunConfig, stages: dict[str, StageStats]) -> dict[str, Any]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total": round(total, 6)}
 
 
-def _first_calls(stage: str, stats: StageStats) -> int:
-    """Calls a stage makes when nothing is retried: feedback makes two per reference."""
-    return stats.rows_in * (2 if stage == "feedback" else 1)
+def _first_calls(stage: str, stats: StageStats, config: RunConfig) -> int:
+    """Calls a stage makes when nothing is retried: feedback makes its mode's per reference
+    (two in mode reference), every other stage one per row."""
+    if stage == "feedback":
+        return stats.rows_in * len(refiner_for(config.feedback.mode).reference_feedback)
+    return stats.rows_in
 
 
 def summary(report: dict[str, Any]) -> str:
