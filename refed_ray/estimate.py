@@ -103,10 +103,12 @@ def plan_run(
 
 def first_calls(config: RunConfig, feedback_references: int, units: int) -> dict[str, int]:
     """Calls by stage when nothing is retried: the feedback mode's per reference, one instruction
-    call per unit, one response call per sample, and each of the mode's per-sample stages."""
+    call per unit, one response call per sample (none with instructions_from: it reuses them), and
+    each of the mode's per-sample stages."""
     refiner, samples = refiner_for(config.feedback.mode), units * config.instructions_per_aspect
-    calls = {"feedback": len(refiner.reference_feedback) * feedback_references, "instructions": units,
-             "responses": samples}
+    synthesized = 0 if config.instructions_from else 1
+    calls = {"feedback": len(refiner.reference_feedback) * feedback_references, "instructions": units * synthesized,
+             "responses": samples * synthesized}
     calls.update({stage: samples for stage in refiner.sample_stages})
     calls.setdefault("refinement", 0)
     return calls
@@ -225,14 +227,15 @@ def _tokens_from_budgets(
     response_fixed: dict[str, int] = {}
     for row in units.drop_columns(["shard"]).to_pylist():
         unit, ref = WorkUnit(**row), by_id[row["reference_id"]]
-        blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction, reference_response=ref.response,
-                         subject_areas="", relevant_skills="", response_feedback="")
-        by_stage["instructions"]["prompt_tokens"] += (
-            _tokens_of(instruction_messages(unit, blank, config)) + feedback_text)
-        if ref.reference_id not in response_fixed:
-            response_fixed[ref.reference_id] = _tokens_of(render(
-                "response", reference_instruction=ref.instruction, reference_response=ref.response, instruction=""))
-        by_stage["responses"]["prompt_tokens"] += k * response_fixed[ref.reference_id] + unit_instructions
+        if calls["instructions"]:  # none with instructions_from: the earlier run wrote them
+            blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction,
+                             reference_response=ref.response, subject_areas="", relevant_skills="", response_feedback="")
+            by_stage["instructions"]["prompt_tokens"] += (
+                _tokens_of(instruction_messages(unit, blank, config)) + feedback_text)
+            if ref.reference_id not in response_fixed:
+                response_fixed[ref.reference_id] = _tokens_of(render(
+                    "response", reference_instruction=ref.instruction, reference_response=ref.response, instruction=""))
+            by_stage["responses"]["prompt_tokens"] += k * response_fixed[ref.reference_id] + unit_instructions
         for stage, fixed in per_sample.items():
             by_stage[stage]["prompt_tokens"] += k * fixed + unit_instructions
     budgets = {"instructions": sampling.instructions_max_tokens, "responses": sampling.response_max_tokens,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
 from refed_ray.instructions import synthesize_instructions
+from refed_ray.instructions_from import EarlierUnit
 from refed_ray.records import Feedback, Reject, Sample, WorkUnit
 from refed_ray.refiners import refiner_for
 from refed_ray.responses import synthesize_response
@@ -60,6 +61,30 @@ async def synthesize_unit(
     chains = [
         _one_sample(engine, unit, feedback, index, instruction, config)
         for index, instruction in enumerate(instructions) if index not in duplicates
+    ]
+    for outcome in await asyncio.gather(*chains):
+        outcome.count(result.stats)
+        if outcome.sample is not None:
+            result.samples.append(outcome.sample)
+        else:
+            result.rejects.append(outcome.reject)
+    return result
+
+
+async def refine_earlier_unit(
+    engine: Engine, unit: WorkUnit, feedback: Feedback | None, earlier: EarlierUnit, config: RunConfig
+) -> UnitResult:
+    """A unit of a run with ``instructions_from``: the earlier run's instructions and original
+    responses, refined by this run's feedback mode; the samples it lost stay lost."""
+    result = UnitResult()
+    if feedback is None:
+        reason = "no feedback for this reference: its collection failed"
+        result.rejects.append(_reject(unit, "feedback", reason, config.instructions_per_aspect))
+        return result
+    result.rejects += earlier.lost
+    chains = [
+        refine_sample(engine, unit, feedback, index, instruction, response, config)
+        for index, (instruction, response) in sorted(earlier.samples.items())
     ]
     for outcome in await asyncio.gather(*chains):
         outcome.count(result.stats)
