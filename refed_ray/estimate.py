@@ -107,8 +107,8 @@ def first_calls(config: RunConfig, feedback_references: int, units: int) -> dict
     each of the mode's per-sample stages."""
     refiner, samples = refiner_for(config.feedback.mode), units * config.instructions_per_aspect
     synthesized = 0 if config.instructions_from else 1
-    calls = {"feedback": len(refiner.reference_feedback) * feedback_references, "instructions": units * synthesized,
-             "responses": samples * synthesized}
+    calls = {"feedback": len(refiner.reference_feedback) * feedback_references,
+             "instructions": units * synthesized, "responses": samples * synthesized}
     calls.update({stage: samples for stage in refiner.sample_stages})
     calls.setdefault("refinement", 0)
     return calls
@@ -228,13 +228,13 @@ def _tokens_from_budgets(
     for row in units.drop_columns(["shard"]).to_pylist():
         unit, ref = WorkUnit(**row), by_id[row["reference_id"]]
         if calls["instructions"]:  # none with instructions_from: the earlier run wrote them
-            blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction,
-                             reference_response=ref.response, subject_areas="", relevant_skills="", response_feedback="")
+            blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction, reference_response=ref.response,
+                             subject_areas="", relevant_skills="", response_feedback="")
             by_stage["instructions"]["prompt_tokens"] += (
                 _tokens_of(instruction_messages(unit, blank, config)) + feedback_text)
             if ref.reference_id not in response_fixed:
-                response_fixed[ref.reference_id] = _tokens_of(render(
-                    "response", reference_instruction=ref.instruction, reference_response=ref.response, instruction=""))
+                response_fixed[ref.reference_id] = _tokens_of(render("response", reference_instruction=ref.instruction,
+                                                                     reference_response=ref.response, instruction=""))
             by_stage["responses"]["prompt_tokens"] += k * response_fixed[ref.reference_id] + unit_instructions
         for stage, fixed in per_sample.items():
             by_stage[stage]["prompt_tokens"] += k * fixed + unit_instructions
@@ -325,7 +325,8 @@ def describe(estimate: dict[str, Any]) -> str:
         lines.append(f"  committed already: {done['units']:,} units in {done['shards']:,} shards, "
                      f"{done['samples']:,} samples; to do: {todo['units']:,} units in {todo['shards']:,} shards")
     calls = estimate["calls"]
-    lines.append("  calls (first attempts): " + ", ".join(f"{stage} {n:,}" for stage, n in calls.items() if stage != "total")
+    lines.append("  calls (first attempts): "
+                 + ", ".join(f"{stage} {n:,}" for stage, n in calls.items() if stage != "total")
                  + f"; total {calls['total']:,}")
     loads = estimate["engine_loads"]
     lines.append(f"  engine loads: feedback {loads['feedback']}, synthesis {loads['synthesis']} "

@@ -22,7 +22,7 @@ from refed_ray import commits
 from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
-from refed_ray.plan import plan_files, read_plan, summarize, PlanSummary
+from refed_ray.plan import PlanSummary, plan_files, read_plan, summarize
 from refed_ray.records import Reject
 from refed_ray.storage import Storage
 
@@ -73,7 +73,8 @@ def _refuse_another_plan(uri: str, earlier: dict, config: RunConfig, reference_d
         "seed": (there.get("seed"), config.seed),
         "instructions_per_aspect (K)": (there.get("instructions_per_aspect"), config.instructions_per_aspect),
         "num_samples (N)": (there.get("num_samples"), config.num_samples),
-        "workers.units_per_shard": (there.get("workers", {}).get("units_per_shard"), config.workers.units_per_shard),
+        "workers.units_per_shard":
+            (there.get("workers", {}).get("units_per_shard"), config.workers.units_per_shard),
     }
     differs = [f"{name}: {a!r} there, {b!r} here" for name, (a, b) in pairs.items() if a != b]
     if differs:
@@ -104,7 +105,8 @@ class EarlierUnit:
 
 def earlier_units(storage: Storage, files: list[str], units: list[dict], k: int) -> dict[str, EarlierUnit]:
     """A's units of one shard (``units``: the plan rows), from the files of A's commit of it."""
-    data = _read(storage, [f for f in files if f.startswith("data/")], ["unit_id", "sample_index", "instruction", "response"])
+    data = _read(storage, [f for f in files if f.startswith("data/")],
+                 ["unit_id", "sample_index", "instruction", "response"])
     rejects = _read(storage, [f for f in files if f.startswith("rejects/")], list(Reject.model_fields))
     samples: dict[str, dict[int, tuple[str, str]]] = {}
     for row in data:
@@ -126,7 +128,8 @@ def _lost(unit: dict, kept: dict[int, tuple[str, str]], rejected: list[dict], k:
     where = {"unit_id": unit["unit_id"], "reference_id": unit["reference_id"], "aspect": unit["aspect"]}
     whole = [r for r in rejected if r["sample_index"] == -1]
     if whole and not kept:  # A lost the whole unit (no feedback, no instructions, an abandoned shard)
-        return [Reject(stage=whole[0]["stage"], reason=f"{LOST_IN_A}: {whole[0]['reason']}", lost_samples=k, **where)]
+        reason = f"{LOST_IN_A}: {whole[0]['reason']}"
+        return [Reject(stage=whole[0]["stage"], reason=reason, lost_samples=k, **where)]
     by_index = {r["sample_index"]: r for r in rejected}
     lost = []
     for index in range(k):

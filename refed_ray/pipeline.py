@@ -24,8 +24,8 @@ from refed_ray.dataset import compact_dataset
 from refed_ray.dedup import accepted_samples, deduplicate, dropped_keys
 from refed_ray.engines.base import load_class
 from refed_ray.errors import RunStopped, UserError
-from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.instructions_from import EarlierRun, copy_plan, read_earlier_run
+from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.plan import (
     PlanSummary, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 Aspect = Literal["subject_areas", "relevant_skills"]
 ASPECTS: tuple[Aspect, ...] = ("subject_areas", "relevant_skills")
-Stage = Literal["seeds", "feedback", "instructions", "responses", "sample_feedback", "refinement", "dedup", "engine"]
+Stage = Literal[
+    "seeds", "feedback", "instructions", "responses", "sample_feedback", "refinement", "dedup", "engine"
+]
 
 # Free text (feedback, instructions, responses) is unbounded in the grammar unless a config sets
 # a char bound: a reply that runs past its step's max_tokens ends with finish_reason "length" and

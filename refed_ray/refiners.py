@@ -87,7 +87,9 @@ REFINERS = {
         ("feedback_instruction", *_SYNTHESIS_PROMPTS, "feedback_response", "refinement_sample"),
         ("sample_feedback", "refinement"), _refine_with_own_feedback,
     ),
-    "none": Refiner("none", ("feedback_instruction",), ("feedback_instruction", *_SYNTHESIS_PROMPTS), (), _keep_response),
+    "none": Refiner(
+        "none", ("feedback_instruction",), ("feedback_instruction", *_SYNTHESIS_PROMPTS), (), _keep_response,
+    ),
 }
 
 

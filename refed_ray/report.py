@@ -152,11 +152,13 @@ def _first_calls(stage: str, stats: StageStats, config: RunConfig) -> int:
 
 def summary(report: dict[str, Any]) -> str:
     stages = report["stages"]
+    mode = report.get("feedback_mode", "reference")
+    mode = "" if mode == "reference" else f" (feedback mode {mode})"
     lines = [
         f"refed-ray: {report['delivered']} samples in {report['output']}/dataset "
         f"({len(report['dataset']['files'])} files; {report['samples']} accepted, {report['rejected_samples']} of "
         f"{report['plan']['planned_samples']} planned samples rejected, {report['plan']['extra_units']} extra units)",
-        f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}"
+        f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}{mode}"
         f"  units: {report['units']['committed']}/{report['units']['planned']}"
         f" ({report['units']['resumed']} resumed)  shards redone: {report['shards']['redone']}",
     ]

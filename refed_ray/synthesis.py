@@ -40,9 +40,7 @@ async def synthesize_unit(
     k = config.instructions_per_aspect
     result = UnitResult()
     if feedback is None:
-        result.rejects.append(
-            _reject(unit, "feedback", "no feedback for this reference: its collection failed", k)
-        )
+        result.rejects.append(_no_feedback(unit, k))
         return result
     planned = await synthesize_instructions(engine, unit, feedback, config)
     step = result.stats["instructions"]
@@ -62,13 +60,7 @@ async def synthesize_unit(
         _one_sample(engine, unit, feedback, index, instruction, config)
         for index, instruction in enumerate(instructions) if index not in duplicates
     ]
-    for outcome in await asyncio.gather(*chains):
-        outcome.count(result.stats)
-        if outcome.sample is not None:
-            result.samples.append(outcome.sample)
-        else:
-            result.rejects.append(outcome.reject)
-    return result
+    return await _gather_samples(result, chains)
 
 
 async def refine_earlier_unit(
@@ -78,14 +70,22 @@ async def refine_earlier_unit(
     responses, refined by this run's feedback mode; the samples it lost stay lost."""
     result = UnitResult()
     if feedback is None:
-        reason = "no feedback for this reference: its collection failed"
-        result.rejects.append(_reject(unit, "feedback", reason, config.instructions_per_aspect))
+        result.rejects.append(_no_feedback(unit, config.instructions_per_aspect))
         return result
     result.rejects += earlier.lost
     chains = [
         refine_sample(engine, unit, feedback, index, instruction, response, config)
         for index, (instruction, response) in sorted(earlier.samples.items())
     ]
+    return await _gather_samples(result, chains)
+
+
+def _no_feedback(unit: WorkUnit, k: int) -> Reject:
+    return _reject(unit, "feedback", "no feedback for this reference: its collection failed", k)
+
+
+async def _gather_samples(result: UnitResult, chains: list) -> UnitResult:
+    """Run the unit's sample chains at once; each ends as a sample or a reject, counted by stage."""
     for outcome in await asyncio.gather(*chains):
         outcome.count(result.stats)
         if outcome.sample is not None:
@@ -128,8 +128,8 @@ async def _one_sample(
     seed = derive_seed(unit.seed, "sample", index)
     answered = await synthesize_response(engine, instruction, feedback, derive_seed(seed, "response"), config)
     if answered.value is None:
-        return _SampleOutcome([("responses", answered)], reject=_reject(unit, "responses", answered.error, 1, index,
-                                                                        answered.raw))
+        reject = _reject(unit, "responses", answered.error, 1, index, answered.raw)
+        return _SampleOutcome([("responses", answered)], reject=reject)
     outcome = await refine_sample(engine, unit, feedback, index, instruction, answered.value.response, config)
     outcome.steps.insert(0, ("responses", answered))
     if outcome.sample is not None:

@@ -27,10 +27,10 @@ from refed_ray.config import RunConfig
 from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable, create_engine
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.feedback import collect_feedback
+from refed_ray.instructions_from import EarlierRun, EarlierUnit, earlier_units
 from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
 from refed_ray.stats import ShardStats, StageStats, merge
 from refed_ray.storage import Storage
-from refed_ray.instructions_from import EarlierRun, EarlierUnit, earlier_units
 from refed_ray.synthesis import refine_earlier_unit, synthesize_unit
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class SynthesisWorker(_EngineWorker):
     async def process(self, rows):
         units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
         if self.earlier is None:
-            chains = [synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config) for u in units]
+            chains = [synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config)
+                      for u in units]
         else:
             earlier = await asyncio.to_thread(self._earlier_units, rows)
             chains = [refine_earlier_unit(self.engine, u, self.feedback.get(u.reference_id), earlier[u.unit_id],
