@@ -65,7 +65,7 @@ def size_category(rows: int) -> str:
 def _values(storage: Storage, report: dict[str, Any]) -> dict[str, Any]:
     config, references, dedup = report["config"], report["references"], report["deduplicated"]
     run = storage.read_json("run.json")
-    mode = config.get("feedback_mode")
+    mode = (config.get("feedback") or {}).get("mode")
     return {
         "title": _title(report),
         "model": report["model"],

@@ -109,6 +109,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bad-seeds", type=int, help="bad seed rows skipped before stopping")
     parser.add_argument("--max-extra-units", type=float,
                         help="top-up budget: units beyond ceil(N/K) to replace rejects, as a share of them")
+    parser.add_argument("--feedback-mode", choices=["reference", "sample", "none"],
+                        help="reference: the method (default); sample: the paper's baseline, one feedback call per "
+                             "response; none: no refinement")
+    parser.add_argument("--instructions-from", metavar="OUTPUT_A",
+                        help="refine again the instructions and original responses of the run in OUTPUT_A, unit by "
+                             "unit (same references and plan): an A/B of refinement alone")
     parser.add_argument("--force-new", action="store_true", help="discard an incompatible earlier run in OUTPUT")
 
 
@@ -140,6 +146,8 @@ def config_from_args(args: argparse.Namespace):
             "engine.device": args.device,
             "engine.tensor_parallel_size": args.tensor_parallel_size,
             "workers.num_engines": args.num_engines,
+            "feedback.mode": args.feedback_mode,
+            "instructions_from": args.instructions_from,
         },
     )
 

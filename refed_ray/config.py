@@ -222,6 +222,18 @@ class DedupConfig(_Section):
     rows_per_task: int = Field(200_000, ge=1000, description="instructions one signature task hashes")
 
 
+class FeedbackConfig(_Section):
+    """Which feedback refines the responses (refed_ray/refiners.py: one refiner per mode)."""
+
+    mode: Literal["reference", "sample", "none"] = Field(
+        "reference",
+        description="reference: the method, two feedback calls per reference and each response refined with its "
+        "reference's response feedback; sample: the paper's baseline, one feedback call per reference (its "
+        "instruction) and one per response, which is refined with its own feedback; none: one feedback call "
+        "per reference, no refinement (the final response is the response)",
+    )
+
+
 class WorkersConfig(_Section):
     """How the plan is spread over engine actors, and how they survive spot clusters."""
 
@@ -283,6 +295,11 @@ class RunConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    instructions_from: str | None = Field(
+        None, description="an earlier run's OUTPUT whose instructions and original responses this run refines "
+        "again, unit by unit (same references and plan); unset = synthesize them",
+    )
 
     @model_validator(mode="after")
     def _instruction_budget_fits(self) -> RunConfig:
@@ -307,6 +324,9 @@ class RunConfig(_Section):
             "references": references_digest,
             "sampling": _digest(self.sampling.model_dump()),
             "plan": _digest({"seed": self.seed, "k": self.instructions_per_aspect}),
+            "feedback_mode": self.feedback.mode,
+            # The earlier run's URI and run id (instructions_from.py fills them in: it reads that run).
+            "instructions_from": "",
         }
 
 

@@ -36,14 +36,13 @@ from refed_ray.plan import (
 )
 from refed_ray.prompts import render
 from refed_ray.records import CHARS_PER_TOKEN, Feedback, Reference, WorkUnit
+from refed_ray.refiners import refiner_for
 from refed_ray.report import api_cost
 from refed_ray.sizing import GPUS, describe_shape, gpu_estimate, model_shape
-from refed_ray.stages import FEEDBACK_CALLS_PER_REFERENCE, SYNTHESIS_STAGES, PassName, Stage
+from refed_ray.stages import PassName, Stage
 from refed_ray.stats import STAGES, StageStats, empty_stats, merge
 from refed_ray.status import pass_totals, run_config
 from refed_ray.storage import Storage
-
-CALLS_PER_REFERENCE = FEEDBACK_CALLS_PER_REFERENCE  # one call on the instruction, one on the response
 
 
 def plan_run(
@@ -61,8 +60,7 @@ def plan_run(
     feedback_todo = [ref for ref in references if ref.reference_id in reached and ref.reference_id not in have_feedback]
     units = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
     k = config.instructions_per_aspect
-    calls = {"feedback": CALLS_PER_REFERENCE * len(feedback_todo), "instructions": units.num_rows,
-             "responses": units.num_rows * k, "refinement": units.num_rows * k}
+    calls = first_calls(config, len(feedback_todo), units.num_rows)
     samples_done = kept_samples(pass_totals(committed, config)) if committed else 0
     samples_to_go = max(0, config.num_samples - samples_done)
     if pilot:
@@ -103,6 +101,19 @@ def plan_run(
     if engine_kind(config.engine.kind).estimates_gpu_time:
         estimate["gpu"] = _gpu_time(config, tokens, estimate["calls"]["total"], gpu, model_params)
     return estimate
+
+
+def first_calls(config: RunConfig, feedback_references: int, units: int) -> dict[str, int]:
+    """Calls by stage when nothing is retried: the feedback mode's per reference, one instruction
+    call per unit, one response call per sample (none with instructions_from: it reuses them), and
+    each of the mode's per-sample stages."""
+    refiner, samples = refiner_for(config.feedback.mode), units * config.instructions_per_aspect
+    synthesized = 0 if config.instructions_from else 1
+    calls = {"feedback": len(refiner.reference_feedback) * feedback_references,
+             "instructions": units * synthesized, "responses": samples * synthesized}
+    calls.update({stage: samples for stage in refiner.sample_stages})
+    calls.setdefault("refinement", 0)
+    return calls
 
 
 def _preflight_leaving_no_folder(config: RunConfig, force_new: bool) -> Preflight:
@@ -187,7 +198,7 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
                   "same_model": pilot_model == config.model_name()},
         "per_sample": {stage: {kind: round(stages[stage].model_dump()[kind] / accepted, 1)
                                for kind in ("prompt_tokens", "completion_tokens")}
-                       for stage in map(str, SYNTHESIS_STAGES)},
+                       for stage in stages if stage != "feedback"},
         "calls_expected": {**calls, "total": sum(calls.values())},
         **_totals(by_stage),
     }
@@ -206,32 +217,49 @@ def _tokens_from_budgets(
     unit_instructions = sampling.instructions_max_tokens
     if sampling.instruction_max_chars:
         unit_instructions = min(unit_instructions, k * _tokens(sampling.instruction_max_chars))
-    refinement_fixed = _tokens_of(render("refinement", instruction="", response="", response_feedback=""))
-    by_stage = {stage.value: {"prompt_tokens": 0, "completion_tokens": 0} for stage in STAGES}
+    refiner = refiner_for(config.feedback.mode)
+    per_sample = _per_sample_prompts(refiner.sample_stages, feedback_text, response_text)
+    calls = first_calls(config, len(feedback_todo), units.num_rows)
+    by_stage = {stage: {"prompt_tokens": 0, "completion_tokens": 0} for stage in (*STAGES, *calls)}
     for ref in feedback_todo:
         by_stage["feedback"]["prompt_tokens"] += sum(
             _tokens_of(render(step, instruction=ref.instruction, response=ref.response))
-            for step in ("feedback_instruction", "feedback_response"))
-    by_stage["feedback"]["completion_tokens"] = CALLS_PER_REFERENCE * len(feedback_todo) * sampling.feedback_max_tokens
+            for step in refiner.reference_feedback)
+    by_stage["feedback"]["completion_tokens"] = calls["feedback"] * sampling.feedback_max_tokens
     by_id = {ref.reference_id: ref for ref in references}
     response_fixed: dict[str, int] = {}
     for row in units.drop_columns(["shard"]).to_pylist():
         unit, ref = WorkUnit(**row), by_id[row["reference_id"]]
-        blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction, reference_response=ref.response,
-                         subject_areas="", relevant_skills="", response_feedback="")
-        by_stage["instructions"]["prompt_tokens"] += (
-            _tokens_of(instruction_messages(unit, blank, config)) + feedback_text)
-        if ref.reference_id not in response_fixed:
-            response_fixed[ref.reference_id] = _tokens_of(render(
-                "response", reference_instruction=ref.instruction, reference_response=ref.response, instruction=""))
-        by_stage["responses"]["prompt_tokens"] += k * response_fixed[ref.reference_id] + unit_instructions
-        by_stage["refinement"]["prompt_tokens"] += (
-            k * (refinement_fixed + feedback_text + response_text) + unit_instructions)
-    for stage, max_tokens, calls in (("instructions", sampling.instructions_max_tokens, units.num_rows),
-                                     ("responses", sampling.response_max_tokens, units.num_rows * k),
-                                     ("refinement", sampling.refinement_max_tokens, units.num_rows * k)):
-        by_stage[stage]["completion_tokens"] = calls * max_tokens
+        if calls["instructions"]:  # none with instructions_from: the earlier run wrote them
+            blank = Feedback(reference_id=ref.reference_id, instruction=ref.instruction, reference_response=ref.response,
+                             subject_areas="", relevant_skills="", response_feedback="")
+            by_stage["instructions"]["prompt_tokens"] += (
+                _tokens_of(instruction_messages(unit, blank, config)) + feedback_text)
+            if ref.reference_id not in response_fixed:
+                response_fixed[ref.reference_id] = _tokens_of(render("response", reference_instruction=ref.instruction,
+                                                                     reference_response=ref.response, instruction=""))
+            by_stage["responses"]["prompt_tokens"] += k * response_fixed[ref.reference_id] + unit_instructions
+        for stage, fixed in per_sample.items():
+            by_stage[stage]["prompt_tokens"] += k * fixed + unit_instructions
+    budgets = {"instructions": sampling.instructions_max_tokens, "responses": sampling.response_max_tokens,
+               "sample_feedback": sampling.feedback_max_tokens, "refinement": sampling.refinement_max_tokens}
+    for stage, max_tokens in budgets.items():
+        if stage in calls:
+            by_stage[stage]["completion_tokens"] = calls[stage] * max_tokens
     return {"source": "budgets", "bound": "upper bound for first attempts", **_totals(by_stage)}
+
+
+def _per_sample_prompts(stages: tuple[str, ...], feedback_text: int, response_text: int) -> dict[str, int]:
+    """Prompt tokens of each per-sample stage but the sample's instruction: its template, the
+    response and the feedback it quotes at their bounds."""
+    blank = {"instruction": "", "response": "", "response_feedback": ""}
+    # Feedback mode sample refines with its own prompt (the two refinement prompts differ by a few words).
+    refinement = "refinement_sample" if "sample_feedback" in stages else "refinement"
+    fixed = {
+        "sample_feedback": _tokens_of(render("feedback_response", instruction="", response="")) + response_text,
+        "refinement": _tokens_of(render(refinement, **blank)) + feedback_text + response_text,
+    }
+    return {stage: fixed[stage] for stage in stages}
 
 
 def _totals(by_stage: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -300,7 +328,8 @@ def describe(estimate: dict[str, Any]) -> str:
         lines.append(f"  committed already: {done['units']:,} units in {done['shards']:,} shards, "
                      f"{done['samples']:,} samples; to do: {todo['units']:,} units in {todo['shards']:,} shards")
     calls = estimate["calls"]
-    lines.append("  calls (first attempts): " + ", ".join(f"{stage} {calls[stage]:,}" for stage in STAGES)
+    lines.append("  calls (first attempts): "
+                 + ", ".join(f"{stage} {n:,}" for stage, n in calls.items() if stage != "total")
                  + f"; total {calls['total']:,}")
     loads = estimate["engine_loads"]
     lines.append(f"  engine loads: feedback {loads['feedback']}, synthesis {loads['synthesis']} "

@@ -1,4 +1,5 @@
-"""Stage 1, feedback collection: two teacher calls per reference, whatever N is later.
+"""Stage 1, feedback collection: two teacher calls per reference, whatever N is later (feedback
+modes sample and none make the instruction call only: ``refiners.py``).
 
 Both calls see the whole reference pair (the same text first in both prompts, so the engine's
 prefix cache serves it once). The instruction call names the reference's subject areas and
@@ -23,7 +24,8 @@ from refed_ray.records import (
     response_analysis_model,
 )
 from refed_ray.stats import StageStats
-from refed_ray.structured import ask, derive_seed
+from refed_ray.refiners import refiner_for
+from refed_ray.structured import Answer, ask, derive_seed
 
 
 @dataclass
@@ -34,27 +36,15 @@ class FeedbackResult:
 
 
 async def collect_feedback(engine: Engine, reference: Reference, config: RunConfig) -> FeedbackResult:
-    budget = dict(max_tokens=config.sampling.feedback_max_tokens, sampling=config.sampling)
+    """The feedback calls the run's feedback mode asks per reference (``refiners.py``): both in
+    mode reference; only the instruction's, which instruction synthesis needs, in the others
+    (their ``response_feedback`` stays empty)."""
+    steps = refiner_for(config.feedback.mode).reference_feedback
     seed = derive_seed(config.seed, "feedback", reference.reference_id)
-    on_instruction, on_response = await asyncio.gather(
-        ask(
-            engine,
-            render("feedback_instruction", instruction=reference.instruction, response=reference.response),
-            instruction_analysis_model(config.sampling.feedback_max_chars),
-            seed=derive_seed(seed, "instruction"),
-            **budget,
-        ),
-        ask(
-            engine,
-            render("feedback_response", instruction=reference.instruction, response=reference.response),
-            response_analysis_model(config.sampling.feedback_max_chars),
-            seed=derive_seed(seed, "response"),
-            **budget,
-        ),
-    )
+    answers = await asyncio.gather(*(_ask_feedback(engine, step, reference, seed, config) for step in steps))
     stats = StageStats(rows_in=1)
-    stats.add_calls(on_instruction, on_response)
-    failed = [a for a in (on_instruction, on_response) if a.value is None]
+    stats.add_calls(*answers)
+    failed = [a for a in answers if a.value is None]
     if failed:
         stats.rejected = 1
         reject = Reject(
@@ -66,12 +56,33 @@ async def collect_feedback(engine: Engine, reference: Reference, config: RunConf
         )
         return FeedbackResult(None, [reject], stats)
     stats.rows_out = 1
+    replies = dict(zip(steps, (a.value for a in answers)))
+    on_instruction, on_response = replies["feedback_instruction"], replies.get("feedback_response")
     feedback = Feedback(
         reference_id=reference.reference_id,
         instruction=reference.instruction,
         reference_response=reference.response,
-        subject_areas=on_instruction.value.subject_areas,
-        relevant_skills=on_instruction.value.relevant_skills,
-        response_feedback=on_response.value.response_feedback,
+        subject_areas=on_instruction.subject_areas,
+        relevant_skills=on_instruction.relevant_skills,
+        response_feedback=on_response.response_feedback if on_response else "",
     )
     return FeedbackResult(feedback, [], stats)
+
+
+# Each feedback prompt: its reply's model, and the name its seed derives from.
+_REPLIES = {
+    "feedback_instruction": (instruction_analysis_model, "instruction"),
+    "feedback_response": (response_analysis_model, "response"),
+}
+
+
+async def _ask_feedback(engine: Engine, step: str, reference: Reference, seed: int, config: RunConfig) -> Answer:
+    reply_model, seed_name = _REPLIES[step]
+    return await ask(
+        engine,
+        render(step, instruction=reference.instruction, response=reference.response),
+        reply_model(config.sampling.feedback_max_chars),
+        seed=derive_seed(seed, seed_name),
+        max_tokens=config.sampling.feedback_max_tokens,
+        sampling=config.sampling,
+    )

@@ -23,6 +23,7 @@ from refed_ray import commits
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
 from refed_ray.prompts import prompts_digest
+from refed_ray.refiners import refiner_for
 from refed_ray.seeds import SeedSet
 from refed_ray.storage import Storage
 
@@ -32,10 +33,14 @@ KNOWN = (RUN_FILE, "_index", "_markers", "_attempts", "report.json", "report.htm
          "feedback", "data", "rejects")
 
 
+# Fingerprint parts that outputs written before they existed lack, and the value those runs had.
+PARTS_OF_LATER_RUNS = {"feedback_mode": "reference", "instructions_from": ""}
+
+
 def run_fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:
     """What a resume must share with the run that wrote OUTPUT (computed once per run: it hashes
-    every reference)."""
-    return config.fingerprint(prompts_digest(), seeds.digest())
+    every reference). The prompts digest covers the prompts of the run's feedback mode."""
+    return config.fingerprint(prompts_digest(refiner_for(config.feedback.mode).prompts), seeds.digest())
 
 
 def check_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str], force_new: bool) -> bool:
@@ -81,9 +86,10 @@ def check_resume(storage: Storage, previous_run: dict, fingerprint: dict[str, st
             "or more, or --force-new"
         )
     previous = previous_run["fingerprint"]
-    differs = [key for key in fingerprint if previous.get(key) != fingerprint[key]]
+    there = {key: previous.get(key, PARTS_OF_LATER_RUNS.get(key)) for key in fingerprint}
+    differs = [key for key in fingerprint if there[key] != fingerprint[key]]
     if differs:
-        details = "; ".join(f"{key}: {previous.get(key)!r} there, {fingerprint[key]!r} now" for key in differs)
+        details = "; ".join(f"{key}: {there[key]!r} there, {fingerprint[key]!r} now" for key in differs)
         raise UserError(
             f"{storage.uri} holds a run with a different {', '.join(differs)} ({details}). "
             "Resuming would mix incompatible samples: pass --force-new to discard it, "

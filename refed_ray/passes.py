@@ -138,12 +138,24 @@ def run_engine_pass(
     ``index_every``: commits absorbed into the index at once."""
     if not blocks:
         return PassResult()
-    # One Ray block per shard: a task is one shard, and a retried task redoes one shard at most.
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        worker, fn_constructor_kwargs=worker_args, **engine_map_args(config, engines)
-    )
+    dataset = engine_dataset(blocks, worker, worker_args, config, engines)
     with progress or nullcontext():
         return drain(dataset, committed, pass_name, index_every)
+
+
+def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], config: RunConfig,
+                   engines: int) -> ray.data.Dataset:
+    """The pass as a lazy Ray Dataset: one Ray block per shard, so a task is one shard and a
+    retried task redoes one shard at most.
+
+    ``map_batches_internal``, not ``map_batches``: Ray 2.60's public method refuses
+    ``batch_size=None`` with ``num_gpus > 0`` ("You must provide `batch_size` ... when requesting
+    GPUs"), i.e. every GPU engine. A whole block must stay one batch (a number would let Ray merge
+    shards into one task), so the pass takes the same DeveloperAPI that Ray's own ``map_groups``
+    takes for the same reason; it differs only in skipping that check."""
+    return ray.data.from_arrow(blocks).map_batches_internal(
+        worker, fn_constructor_kwargs=worker_args, **engine_map_args(config, engines)
+    )
 
 
 def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:

@@ -20,15 +20,14 @@ from refed_ray.config import RunConfig
 from refed_ray.dataset import compact_dataset
 from refed_ray.engines.kinds import engine_kind
 from refed_ray.filters.dedup import DEDUP, deduplicate
+from refed_ray.instructions_from import EarlierRun, copy_plan, read_earlier_run
 from refed_ray.kept import RUN_FILTERS, accepted_samples, dropped_keys, pass_totals
 from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.passes import (
     FEEDBACK, INDEX_EVERY_SHARDS, SEEDS, SYNTHESIS, PassResult, commit_on_driver, run_engine_pass,
 )
-# The run's map_batches arguments, under the name test_engine_kinds.py reads.
-from refed_ray.passes import engine_map_args as _engine_map_args  # noqa: F401
 from refed_ray.plan import (
-    pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
+    PlanSummary, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
 )
 from refed_ray.quality import data_quality
 from refed_ray.records import Feedback, Reference, Reject, to_table
@@ -55,6 +54,7 @@ class Preflight:
     fingerprint: dict[str, str]
     resumed: bool
     secrets: dict[str, str]
+    earlier: EarlierRun | None = None  # instructions_from: the run whose units this one reuses
 
 
 def preflight(config: RunConfig, force_new: bool = False) -> Preflight:
@@ -67,8 +67,12 @@ def preflight(config: RunConfig, force_new: bool = False) -> Preflight:
     secrets = _engine_secrets(config)
     seeds = read_seeds(config.seeds, config.max_bad_seeds, config.seeds_options())
     fingerprint = run_fingerprint(config, seeds)
+    earlier = None
+    if config.instructions_from:
+        earlier = read_earlier_run(config, fingerprint["references"], storage.full_uri())
+        fingerprint["instructions_from"] = earlier.label
     resumed = check_output(storage, config, fingerprint, force_new)
-    return Preflight(storage, seeds, fingerprint, resumed, secrets)
+    return Preflight(storage, seeds, fingerprint, resumed, secrets, earlier)
 
 
 def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
@@ -83,10 +87,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     committed.remove_leftovers()
     _commit_seed_rejects(storage, committed, seeds)
     reference_ids = [ref.reference_id for ref in seeds.references]
-    plan = write_plan(
-        storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
-        config.workers.units_per_shard, keep_existing=bool(committed.commits[SYNTHESIS.name]),
-    )
+    plan = _first_plan(storage, committed, config, reference_ids, checked.earlier)
     log.info("plan: %d units in %d shards over %d rounds, %d references",
              plan.units, plan.shards, plan.rounds, len(plan.references_used))
 
@@ -106,11 +107,12 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
     _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
-    synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))]}
+    synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))],
+                      **({"earlier": [ray.put(checked.earlier)]} if checked.earlier else {})}
     while True:
         this_run += _synthesis_pass(storage, committed, config, synthesis_args)
         _apply_filters(storage, committed, config)
-        more = _top_up_units(committed, config, plan.units)
+        more = _top_up_units(committed, config, plan.units) if checked.earlier is None else 0
         if not more:
             break
         log.info("top-up: %d samples short of %d, planning %d more units", config.num_samples
@@ -140,6 +142,20 @@ def _apply_filters(storage: Storage, committed: CommitLog, config: RunConfig) ->
     for one in RUN_FILTERS:
         if one is not DEDUP:
             one.apply(storage, committed, one.settings(config))
+
+
+def _first_plan(storage: Storage, committed: CommitLog, config: RunConfig, reference_ids: list[str],
+                earlier: EarlierRun | None) -> PlanSummary:
+    """The plan for N, or with instructions_from the earlier run's own plan (its units are all
+    there are: no top-up round follows)."""
+    if earlier is not None:
+        log.info("instructions_from %s: its plan is this run's, and its units are all there are "
+                 "(no top-up round)", earlier.label)
+        return copy_plan(earlier, storage, config)
+    return write_plan(
+        storage, reference_ids, config.num_samples, config.instructions_per_aspect, config.seed,
+        config.workers.units_per_shard, keep_existing=bool(committed.commits[SYNTHESIS.name]),
+    )
 
 
 def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -> int:

@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
+# The method's steps (feedback mode "reference"); refiners.py names each mode's.
 STEPS = ("feedback_instruction", "feedback_response", "instructions", "response", "refinement")
 VARIATION = "instructions_variation"
 FACETS_FILE = "instruction_facets.txt"
@@ -58,10 +59,11 @@ def facets() -> dict[str, tuple[str, ...]]:
     return {name: tuple(choices) for name, choices in sections.items()}
 
 
-def prompts_digest() -> str:
-    """Changes whenever any template or the facets change: part of the resume fingerprint."""
+def prompts_digest(steps: tuple[str, ...] = STEPS) -> str:
+    """Changes whenever any of ``steps``' templates (a feedback mode's prompts: refiners.py) or the
+    facets change: part of the resume fingerprint."""
     digest = hashlib.sha256()
-    for step in (*STEPS, VARIATION):
+    for step in (*steps, VARIATION):
         digest.update(template(step).template.encode())
     digest.update((prompts_dir() / FACETS_FILE).read_bytes())
     return digest.hexdigest()[:16]

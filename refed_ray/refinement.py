@@ -20,12 +20,14 @@ async def refine_response(
     engine: Engine, instruction: str, response: str, feedback: Feedback, seed: int, config: RunConfig
 ) -> Answer:
     """The ``Answer``'s value has ``.analysis``, ``.implementation_strategy``, ``.improved_response``."""
-    messages = render(
-        "refinement",
-        instruction=instruction,
-        response=response,
-        response_feedback=feedback.response_feedback,
-    )
+    return await refine_with(engine, "refinement", instruction, response, feedback.response_feedback, seed, config)
+
+
+async def refine_with(
+    engine: Engine, step: str, instruction: str, response: str, response_feedback: str, seed: int, config: RunConfig
+) -> Answer:
+    """A refinement reply from prompt ``step`` ("refinement", or feedback mode sample's own)."""
+    messages = render(step, instruction=instruction, response=response, response_feedback=response_feedback)
     return await ask(
         engine,
         messages,

@@ -16,6 +16,8 @@ from refed_ray.seeds import SeedSet
 from refed_ray.stages import AFTER_INSTRUCTIONS, PassName, Stage
 from refed_ray.stats import ShardStats, StageStats, empty_stats, first_calls, merge
 
+FEEDBACK_STAGES = ("feedback", "sample_feedback")  # the stages whose calls are feedback calls
+
 
 def build_report(
     committed: CommitLog,
@@ -56,7 +58,9 @@ def build_report(
             "used": len(plan.references_used),
             "feedback_retried": sum(len(c.ids) for c in committed.commits[PassName.FEEDBACK].values() if c.attempt > 1),
         },
-        "feedback_calls": sum(stages[s].calls for s in (Stage.FEEDBACK, Stage.SAMPLE_FEEDBACK) if s in stages),
+        # Every feedback call: per reference, and per sample in feedback mode sample.
+        "feedback_calls": sum(stages[stage].calls for stage in FEEDBACK_STAGES if stage in stages),
+        "feedback_mode": config.feedback.mode,
         "feedback_rows": stages[Stage.FEEDBACK].rows_out,
         "plan": {
             "units": plan.units,
@@ -143,11 +147,13 @@ def reasons_by_count(totals) -> dict[str, int]:
 
 def summary(report: dict[str, Any]) -> str:
     stages = report["stages"]
+    mode = report.get("feedback_mode", "reference")
+    mode = "" if mode == "reference" else f" (feedback mode {mode})"
     lines = [
         f"refed-ray: {report['delivered']} samples in {report['output']}/dataset "
         f"({len(report['dataset']['files'])} files; {report['samples']} accepted, {report['rejected_samples']} of "
         f"{report['plan']['planned_samples']} planned samples rejected, {report['plan']['extra_units']} extra units)",
-        f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}"
+        f"  references used: {report['references']['used']}  feedback calls: {report['feedback_calls']}{mode}"
         f"  units: {report['units']['committed']}/{report['units']['planned']}"
         f" ({report['units']['resumed']} resumed)  shards redone: {report['shards']['redone']}",
     ]

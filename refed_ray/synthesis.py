@@ -1,4 +1,5 @@
-"""The chain one engine runs for a work unit: instructions -> (in-unit dedup) -> responses -> refinement.
+"""The chain one engine runs for a work unit: instructions -> (in-unit dedup) -> responses -> refinement
+(what refines a response is the run's feedback mode's refiner: ``refiners.py``).
 
 Each new instruction runs its own response -> refinement chain as a coroutine, so one engine
 holds requests of every step at once and no step's tail leaves it idle. Every planned sample
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
 from refed_ray.instructions import synthesize_instructions
+from refed_ray.instructions_from import EarlierUnit
 from refed_ray.records import Feedback, Reject, Sample, WorkUnit
-from refed_ray.refinement import refine_response
+from refed_ray.refiners import refiner_for
 from refed_ray.responses import synthesize_response
 from refed_ray.similarity import near_duplicates_within
 from refed_ray.stages import SYNTHESIS_STAGES, Stage
@@ -38,9 +40,7 @@ async def synthesize_unit(
     k = config.instructions_per_aspect
     result = UnitResult()
     if feedback is None:
-        result.rejects.append(
-            _reject(unit, Stage.FEEDBACK, "no feedback for this reference: its collection failed", k)
-        )
+        result.rejects.append(_no_feedback(unit, k))
         return result
     planned = await synthesize_instructions(engine, unit, feedback, config)
     step = result.stats["instructions"]
@@ -60,6 +60,32 @@ async def synthesize_unit(
         _one_sample(engine, unit, feedback, index, instruction, config)
         for index, instruction in enumerate(instructions) if index not in duplicates
     ]
+    return await _gather_samples(result, chains)
+
+
+async def refine_earlier_unit(
+    engine: Engine, unit: WorkUnit, feedback: Feedback | None, earlier: EarlierUnit, config: RunConfig
+) -> UnitResult:
+    """A unit of a run with ``instructions_from``: the earlier run's instructions and original
+    responses, refined by this run's feedback mode; the samples it lost stay lost."""
+    result = UnitResult()
+    if feedback is None:
+        result.rejects.append(_no_feedback(unit, config.instructions_per_aspect))
+        return result
+    result.rejects += earlier.lost
+    chains = [
+        refine_sample(engine, unit, feedback, index, instruction, response, config)
+        for index, (instruction, response) in sorted(earlier.samples.items())
+    ]
+    return await _gather_samples(result, chains)
+
+
+def _no_feedback(unit: WorkUnit, k: int) -> Reject:
+    return _reject(unit, "feedback", "no feedback for this reference: its collection failed", k)
+
+
+async def _gather_samples(result: UnitResult, chains: list) -> UnitResult:
+    """Run the unit's sample chains at once; each ends as a sample or a reject, counted by stage."""
     for outcome in await asyncio.gather(*chains):
         outcome.count(result.stats)
         if outcome.sample is not None:
@@ -80,24 +106,20 @@ def _duplicates(instructions: list[str], feedback: Feedback, config: RunConfig) 
 
 @dataclass
 class _SampleOutcome:
-    response: Answer
-    refinement: Answer | None = None
+    steps: list[tuple[str, Answer]] = field(default_factory=list)  # the sample's calls by stage, in order
     sample: Sample | None = None
     reject: Reject | None = None
 
     def count(self, stats: dict[str, StageStats]) -> None:
-        stats["responses"].rows_in += 1
-        stats["responses"].add_calls(self.response)
-        if self.response.value is None:
-            stats["responses"].rejected += 1
-            return
-        stats["responses"].rows_out += 1
-        stats["refinement"].rows_in += 1
-        stats["refinement"].add_calls(self.refinement)
-        if self.sample is None:
-            stats["refinement"].rejected += 1
-        else:
-            stats["refinement"].rows_out += 1
+        """Each call a row into its stage; the one whose reply failed, a row rejected there."""
+        for stage, answer in self.steps:
+            step = stats.setdefault(stage, StageStats())
+            step.rows_in += 1
+            step.add_calls(answer)
+            if answer.value is None:
+                step.rejected += 1
+            else:
+                step.rows_out += 1
 
 
 async def _one_sample(
@@ -105,31 +127,44 @@ async def _one_sample(
 ) -> _SampleOutcome:
     seed = derive_seed(unit.seed, "sample", index)
     answered = await synthesize_response(engine, instruction, feedback, derive_seed(seed, "response"), config)
-    outcome = _SampleOutcome(response=answered)
     if answered.value is None:
-        outcome.reject = _reject(unit, "responses", answered.error, 1, index, answered.raw)
-        return outcome
-    refined = await refine_response(
-        engine, instruction, answered.value.response, feedback, derive_seed(seed, "refinement"), config
-    )
-    outcome.refinement = refined
-    if refined.value is None:
-        outcome.reject = _reject(unit, "refinement", refined.error, 1, index, refined.raw)
+        reject = _reject(unit, "responses", answered.error, 1, index, answered.raw)
+        return _SampleOutcome([("responses", answered)], reject=reject)
+    outcome = await refine_sample(engine, unit, feedback, index, instruction, answered.value.response, config)
+    outcome.steps.insert(0, ("responses", answered))
+    if outcome.sample is not None:
+        outcome.sample.prompt_tokens += answered.prompt_tokens
+        outcome.sample.completion_tokens += answered.completion_tokens
+    return outcome
+
+
+async def refine_sample(
+    engine: Engine, unit: WorkUnit, feedback: Feedback, index: int, instruction: str, response: str,
+    config: RunConfig,
+) -> _SampleOutcome:
+    """What the run's feedback mode makes of a response (``refiners.py``): a sample, or a reject
+    at the stage whose call failed."""
+    seed = derive_seed(unit.seed, "sample", index)
+    refined = await refiner_for(config.feedback.mode).refine(engine, instruction, response, feedback, seed, config)
+    outcome = _SampleOutcome(list(refined.steps))
+    if refined.failed:
+        stage, answer = refined.failed
+        outcome.reject = _reject(unit, stage, answer.error, 1, index, answer.raw)
         return outcome
     outcome.sample = Sample(
         instruction=instruction,
-        response=answered.value.response,
-        analysis=refined.value.analysis.model_dump(),
-        implementation_strategy=refined.value.implementation_strategy.model_dump(),
-        improved_response=refined.value.improved_response,
+        response=response,
+        analysis=refined.analysis,
+        implementation_strategy=refined.implementation_strategy,
+        improved_response=refined.improved_response,
         unit_id=unit.unit_id,
         reference_id=unit.reference_id,
         aspect=unit.aspect,
         round=unit.round,
         sample_index=index,
         model=engine.model_name,
-        prompt_tokens=answered.prompt_tokens + refined.prompt_tokens,
-        completion_tokens=answered.completion_tokens + refined.completion_tokens,
+        prompt_tokens=sum(answer.prompt_tokens for _, answer in refined.steps),
+        completion_tokens=sum(answer.completion_tokens for _, answer in refined.steps),
     )
     return outcome
 

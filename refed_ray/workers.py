@@ -27,11 +27,12 @@ from refed_ray.config import RunConfig
 from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable, create_engine
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.feedback import collect_feedback
+from refed_ray.instructions_from import EarlierRun, EarlierUnit, earlier_units
 from refed_ray.records import Feedback, Reference, Reject, Sample, WorkUnit, to_table
 from refed_ray.stages import PassName, Stage
 from refed_ray.stats import ShardStats, StageStats, merge
 from refed_ray.storage import Storage
-from refed_ray.synthesis import synthesize_unit
+from refed_ray.synthesis import refine_earlier_unit, synthesize_unit
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,24 @@ class SynthesisWorker(_EngineWorker):
     pass_name = PassName.SYNTHESIS
     id_column = "unit_id"
 
-    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef], **kwargs):
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef],
+                 earlier: list[ray.ObjectRef] | None = None, **kwargs):
         super().__init__(config_json, secrets, **kwargs)
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
+        # instructions_from: the earlier run's committed files by shard (instructions_from.py).
+        self.earlier: EarlierRun | None = ray.get(earlier[0]) if earlier else None
         _warn_if_underfilled(self.config, self.engine.max_concurrency)
 
     async def process(self, rows):
         units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
-        results = await asyncio.gather(
-            *(synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config) for u in units)
-        )
+        if self.earlier is None:
+            chains = [synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config)
+                      for u in units]
+        else:
+            earlier = await asyncio.to_thread(self._earlier_units, rows)
+            chains = [refine_earlier_unit(self.engine, u, self.feedback.get(u.reference_id), earlier[u.unit_id],
+                                          self.config) for u in units]
+        results = await asyncio.gather(*chains)
         stats: dict[str, StageStats] = {}
         for result in results:
             merge(stats, result.stats)
@@ -191,6 +200,12 @@ class SynthesisWorker(_EngineWorker):
             "rejects": to_table([j for r in results for j in r.rejects], Reject),
         }
         return tables, stats
+
+    def _earlier_units(self, rows) -> dict[str, EarlierUnit]:
+        """The earlier run's units of this shard (B's shards are A's: the same name, the same units)."""
+        files = self.earlier.shard_files[rows[0]["shard"]]
+        storage = Storage(self.earlier.uri, self.config.storage_options)
+        return earlier_units(storage, files, rows, self.config.instructions_per_aspect)
 
     def abandon(self, rows, attempts):
         k = self.config.instructions_per_aspect

@@ -6,6 +6,7 @@ values, and Ray validates them as actor options without starting."""
 import subprocess
 import sys
 
+import pyarrow
 import pytest
 import ray
 
@@ -14,7 +15,8 @@ from refed_ray.config import EngineConfig, RunConfig, load_config
 from refed_ray.engines import kinds
 from refed_ray.engines.base import create_engine
 from refed_ray.errors import UserError
-from refed_ray.pipeline import _check_engine, _engine_map_args, _engine_secrets, _resolve_device
+from refed_ray.passes import engine_map_args as _engine_map_args
+from refed_ray.pipeline import _check_engine, _engine_secrets, _resolve_device
 from tests.conftest import FAKE_ENGINE, ROOT
 from tests.fake_engine import FakeEngine
 
@@ -131,3 +133,22 @@ def test_the_registry_imports_no_engine_module():
             "assert not {'vllm', 'openai', 'refed_ray.engines.vllm_engine', 'refed_ray.engines.openai_engine'} "
             "& set(sys.modules), sorted(m for m in sys.modules if 'engine' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("engine", [
+    {"device": "cuda"},  # the default vLLM engine on a GPU cluster
+    {**FAKE_ENGINE, "resources": {"num_gpus": 1}},
+])
+def test_a_pass_whose_engines_reserve_a_gpu_builds_its_ray_dataset(engine, local_ray):
+    """Ray 2.60's public map_batches refuses num_gpus with batch_size=None (one shard a batch):
+    every GPU run failed before its first actor. The pass's dataset must build, lazily (no GPU
+    here), with one whole shard a batch and the GPU in its actors' options."""
+    from refed_ray.passes import engine_dataset
+    from refed_ray.workers import SynthesisWorker
+
+    config = RunConfig(engine=engine)
+    blocks = [pyarrow.table({"shard": ["s-0"], "unit_id": ["u-0"]})]
+    dataset = engine_dataset(blocks, SynthesisWorker, {}, config, engines=1)
+    operator = dataset._logical_plan.dag
+    assert operator.batch_size is None and operator.min_rows_per_bundled_input is None
+    assert operator.ray_remote_args["num_gpus"] == 1

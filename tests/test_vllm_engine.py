@@ -86,6 +86,42 @@ def test_real_engine_runs_the_whole_method(tmp_path):
         RefedRow.model_validate(row)
 
 
+def test_real_engine_runs_feedback_mode_sample_through_all_its_steps(tmp_path):
+    """The paper's sample-level baseline: instruction feedback per reference, then each response its
+    own feedback call and a refinement with it (refed_ray/sample_feedback.py)."""
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
+        {"instruction": "Give two tips for a good night's sleep.",
+         "response": "1. Go to bed at the same time every night.\n2. Keep screens out of the bedroom."},
+    ])
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    out = tmp_path / "out"
+
+    done = refed_ray("run", "--config", str(config), "--seeds", str(seeds), "--output", str(out),
+                     "--feedback-mode", "sample")
+    report = json.loads((out / "report.json").read_text())
+    assert_delivered_or_short(done, report, 3)
+    assert_quiet_log(done.stdout + done.stderr)
+
+    storage = Storage(str(out))
+    feedback = [Feedback(**r) for t in committed_tables(storage, "feedback") for r in t.to_pylist()]
+    samples = [Sample(**r) for t in committed_tables(storage, "data") for r in t.to_pylist()]
+    rejects = [Reject(**r) for t in committed_tables(storage, "rejects") for r in t.to_pylist()]
+    stages = report["stages"]
+
+    assert report["feedback_mode"] == "sample" and storage.read_json("run.json")["fingerprint"]["feedback_mode"] == "sample"
+    # The reference's instruction feedback only; its response feedback is never asked for.
+    assert len(feedback) == 1 and feedback[0].subject_areas.strip() and feedback[0].response_feedback == ""
+    assert stages["feedback"]["rows_in"] == 1 and stages["feedback"]["calls"] >= 1
+    # Every response that came back got its own feedback call, and each one that passed was refined.
+    assert stages["sample_feedback"]["rows_in"] == stages["responses"]["rows_out"] >= 1
+    assert stages["refinement"]["rows_in"] == stages["sample_feedback"]["rows_out"]
+    assert report["feedback_calls"] == stages["feedback"]["calls"] + stages["sample_feedback"]["calls"]
+    assert len(samples) >= 1, [r.reason for r in rejects]
+    assert len(samples) + sum(r.lost_samples for r in rejects) == 3 and report["all_planned_samples_accounted"]
+    assert all(s.improved_response.strip() and s.prompt_tokens > 0 for s in samples)
+
+
 def test_real_engine_run_killed_mid_synthesis_resumes_exactly_once(tmp_path):
     import os
     import signal
