@@ -11,6 +11,9 @@ the current dedup commit (computed when the one left is stale: after a crash in 
 synthesis shards were committed after it), then the compaction. It reads the files the dataset's
 manifest names through Ray Data: files are read and rows converted in parallel tasks; the driver
 only appends the converted lines to the one target file.
+
+``--selection METHOD-N`` exports a selection instead (``select.py``: OUTPUT/selected/METHOD-N), as
+it was committed: the same formats, from the files its manifest names.
 """
 
 from __future__ import annotations
@@ -64,23 +67,25 @@ FORMATS = tuple(CONVERTERS)
 
 
 def export(
-    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int | None = None
+    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int | None = None,
+    selection: str | None = None,
 ) -> tuple[str, int]:
+    """Write OUTPUT's dataset, or its selection ``selection`` (``METHOD-N``: OUTPUT/selected/METHOD-N),
+    in format ``fmt`` to ``to`` (default OUTPUT/export/[SELECTION/]FORMAT.json[l])."""
     storage = Storage(output, storage_options)
-    if not storage.exists("run.json"):
-        raise UserError(f"{output} holds no refed-ray run (no run.json)")
     if fmt not in CONVERTERS:
         raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
-    if not ray.is_initialized():
-        ray.init()
-    run_config = storage.read_json("run.json")["config"]
-    dedup_config = DedupConfig.model_validate(run_config["dedup"])
-    deduplicate(storage, log, dedup_config)
-    manifest = compact_dataset(storage, log, file_mb or run_config["dataset_file_mb"], max_rows=run_config["num_samples"],
-                               dropped=dropped_keys(storage, log, dedup_config))
+    if selection is None:
+        manifest = up_to_date_dataset(storage, file_mb)
+    else:
+        from refed_ray.select import read_selection
+
+        manifest = read_selection(storage, selection)
+        if not ray.is_initialized():
+            ray.init()
     as_list = fmt in JSON_LIST_FORMATS
-    target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if as_list else 'jsonl'}"
+    folder = f"{output.rstrip('/')}/export" + (f"/{selection}" if selection else "")
+    target = to or f"{folder}/{fmt}.{'json' if as_list else 'jsonl'}"
     count = 0
     with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as out:
         if as_list:
@@ -99,6 +104,21 @@ def export(
         if as_list:
             out.write("\n]\n")
     return target, count
+
+
+def up_to_date_dataset(storage: Storage, file_mb: int | None = None) -> dict:
+    """OUTPUT/dataset brought up to date with the settings the run recorded (its dedup commit,
+    then the compaction); returns its manifest. Starts Ray when it is not running."""
+    if not storage.exists("run.json"):
+        raise UserError(f"{storage.uri} holds no refed-ray run (no run.json)")
+    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
+    if not ray.is_initialized():
+        ray.init()
+    run_config = storage.read_json("run.json")["config"]
+    dedup_config = DedupConfig.model_validate(run_config["dedup"])
+    deduplicate(storage, log, dedup_config)
+    return compact_dataset(storage, log, file_mb or run_config["dataset_file_mb"], max_rows=run_config["num_samples"],
+                           dropped=dropped_keys(storage, log, dedup_config))
 
 
 def _to_lines(batch: pa.Table, fmt: str) -> pa.Table:

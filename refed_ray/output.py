@@ -29,7 +29,7 @@ from refed_ray.storage import Storage
 RUN_FILE = commits.RUN_FILE
 # Commit records first: a discard killed midway leaves no commit naming deleted files.
 KNOWN = (RUN_FILE, "_index", "_markers", "_attempts", "report.json", "report.html", "dataset", "export", "plan",
-         "feedback", "data", "rejects")
+         "feedback", "data", "rejects", "selected")
 
 
 def run_fingerprint(config: RunConfig, seeds: SeedSet) -> dict[str, str]:

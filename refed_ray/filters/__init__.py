@@ -1,0 +1,1 @@
+"""Filters: each decides, per committed sample, keep or drop with a reason (pure, deterministic)."""
