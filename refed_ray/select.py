@@ -13,7 +13,7 @@ each row the dataset's row plus its ``selection_reason``; beside it:
 
 - ``_decisions/gen-TOKEN.parquet``: every sample's decision, drops included with their reasons
   (why a sample was not selected); directory readers skip ``_`` folders;
-- ``selection.json``: the counts (and what a method reports, e.g. the judge's calls and cost).
+- ``_selection.json``: the counts (and what a method reports, e.g. the judge's calls and cost).
 
 The manifest records what the selection was computed from: the dataset's generation, the method,
 N and its settings. Running the same selection again reuses it (nothing recomputed); once the
@@ -47,7 +47,7 @@ from refed_ray.storage import Storage
 
 FOLDER = "selected"
 DECISIONS_FOLDER = "_decisions"
-SUMMARY = "selection.json"
+SUMMARY = "_selection.json"  # "_": directory readers (pyarrow, Spark) skip it
 KEYS = ["unit_id", "sample_index"]
 ROW_SCHEMA = arrow_schema(Sample).append(pa.field("selection_reason", pa.string()))
 
@@ -55,7 +55,7 @@ ROW_SCHEMA = arrow_schema(Sample).append(pa.field("selection_reason", pa.string(
 @dataclass
 class SelectionContext:
     """What a method may use besides the samples. ``stats`` is the method's to fill (e.g. judge
-    calls, tokens, cost): it goes into selection.json."""
+    calls, tokens, cost): it goes into _selection.json."""
 
     selection: Storage  # OUTPUT/selected/METHOD-N/: a method's own commits go under it
     run: Storage  # OUTPUT
@@ -85,7 +85,7 @@ METHODS: dict[str, Method] = {
 
 def select(output: str, method: str, size: int, threshold: float | None = None, seed: int | None = None,
            judge_config: str | None = None, storage_options: dict | None = None) -> dict[str, Any]:
-    """Compute (or reuse) OUTPUT/selected/METHOD-SIZE; returns its summary (selection.json)."""
+    """Compute (or reuse) OUTPUT/selected/METHOD-SIZE; returns its summary (_selection.json)."""
     from refed_ray.export import up_to_date_dataset
 
     spec = _method(method)
