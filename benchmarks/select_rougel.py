@@ -6,6 +6,11 @@ The instructions mimic a synthesis run's: 12 to 40 words drawn from a Zipf-like 
 copy of an earlier one (a few words changed), the duplicates a diversity selection removes.
 Every instruction is considered (size = COUNT), the worst case: nothing stops the greedy pass
 early. Each size runs in a fresh process, without Ray (the selection is one driver-side function).
+
+Measured (2 shared cores, other jobs running): 100,000 in 97.5 s, peak RSS 448 MiB (+281 MiB over
+the input), 80,532 kept; 200,000 in 528.6 s, 771 MiB (+556 MiB), 160,995 kept. 20,000 take 4.5 s.
+Time grows faster than linearly: a probe scans the postings of its prefix's common-ish words,
+which grow with the number selected.
 """
 
 from __future__ import annotations
