@@ -1,4 +1,4 @@
-"""The ``refed-ray`` command: run, plan, status, prepare-model, export, report, compare."""
+"""The ``refed-ray`` command: run, plan, status, prepare-model, export, select, compare, report."""
 
 from __future__ import annotations
 
@@ -67,7 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="refed-json", choices=["refed-json", "jsonl", "sharegpt", "messages"])
     export.add_argument("--to", help="target file or URI (default: OUTPUT/export/FORMAT.json[l])")
     export.add_argument("--config", help="the run's YAML config, for its storage_options")
+    export.add_argument("--selection", metavar="METHOD-N", help="export the selection OUTPUT/selected/METHOD-N "
+                        "(refed-ray select) instead of the dataset")
     export.set_defaults(handler=_export)
+
+    select = commands.add_parser("select", parents=[common],
+                                 help="select N samples of a run's dataset (judge, ROUGE-L diversity, random)")
+    select.add_argument("output", help="a run's OUTPUT URI")
+    select.add_argument("--method", required=True, choices=["judge", "rougel", "random"],
+                        help="judge: improved response beats the original in both orders; rougel: greedy, "
+                             "ROUGE-L F of instructions below --threshold; random: a seeded subset")
+    select.add_argument("--size", type=int, required=True, metavar="N", help="samples to select")
+    select.add_argument("--threshold", type=float, metavar="T", help="rougel: ROUGE-L F threshold (default 0.7)")
+    select.add_argument("--seed", type=int, metavar="S", help="random: the subset's seed (default: the run's)")
+    select.add_argument("--judge-config", metavar="FILE", help="judge: a YAML config whose engine judges "
+                        "(default: the run's teacher)")
+    select.add_argument("--config", help="the run's YAML config, for its storage_options")
+    select.set_defaults(handler=_select)
 
     report = commands.add_parser("report", parents=[common], help="write report.html and the dataset card again")
     report.add_argument("output", help="a run's OUTPUT URI")
@@ -206,8 +222,21 @@ def _export(args: argparse.Namespace) -> int:
     from refed_ray.export import export
 
     storage_options = load_config(args.config, {}).storage_options if args.config else None
-    target, count = export(args.output, args.format, args.to, storage_options)
+    target, count = export(args.output, args.format, args.to, storage_options, selection=args.selection)
     print(json.dumps({"exported": count, "to": target, "format": args.format}))
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from refed_ray.config import load_config
+    from refed_ray.select import describe, select
+
+    storage_options = load_config(args.config, {}).storage_options if args.config else None
+    summary = select(args.output, args.method, args.size, args.threshold, args.seed, args.judge_config, storage_options)
+    print(describe(summary))
+    print(json.dumps(summary))
+    if summary["shortfall"]:  # exit 0 means N samples selected
+        raise RunShort(summary["shortfall"])
     return 0
 
 

@@ -27,10 +27,9 @@ from refed_ray.dataset import dataset_files, read_manifest
 from refed_ray.errors import UserError
 from refed_ray.judge import STAGE
 from refed_ray.judge_pass import (
-    JudgeConfig, judge_of_run, pair_id, read_verdicts, run_judge_pass,
+    JudgeConfig, judge_counts, judge_of_run, pair_id, read_verdicts, run_judge_pass,
 )
 from refed_ray.quality import token_lengths
-from refed_ray.report import api_cost
 from refed_ray.storage import Storage
 
 RESULT = "compare.json"
@@ -144,7 +143,6 @@ def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str
     winners = [w for p, w in zip(verdicts["pair_id"].to_pylist(), verdicts["winner"].to_pylist()) if p in pair_ids]
     counts = {side: winners.count(side) for side in ("x", "y", "tie")}
     stats = committed.stats(STAGE)
-    calls = stats.stages.get(STAGE)
     rate, interval = win_rate(counts["x"], counts["y"], counts["tie"])
     return {
         "model": judge.model_name(),
@@ -157,10 +155,7 @@ def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str
         "win_rate_a": rate,
         "ci95": interval,
         "ci_method": "normal approximation on per-pair scores (A win 1, tie 0.5, B win 0), clipped to [0, 1]",
-        "calls": calls.calls if calls else 0,
-        "prompt_tokens": calls.prompt_tokens if calls else 0,
-        "completion_tokens": calls.completion_tokens if calls else 0,
-        "cost": api_cost(judge.run_config(root), {STAGE: calls} if calls else {}),
+        **judge_counts(root, committed, judge),
     }
 
 

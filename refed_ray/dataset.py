@@ -20,13 +20,18 @@ as they were. A folder listing taken between steps 2 and 4 (one rename on a file
 per file on object stores, which cannot rename) sees both generations; the manifest never does.
 The manifest also records what the dataset was built from (a digest of the committed shard files
 and the dropped samples), so an up-to-date dataset is not written again.
+
+A selection (``select.py``: OUTPUT/selected/METHOD-N/) is written in the same layout by the same
+functions (``write_generation``, ``read_manifest``, ``delete_other_generations``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -55,7 +60,7 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     digest = hashlib.sha256(json.dumps([files, sorted((f, sorted(d)) for f, d in drops.items())]).encode()).hexdigest()[:16]
     manifest = read_manifest(storage)
     if manifest is None or manifest.get("digest") != digest or "generation" not in manifest:
-        generation = f"gen-{uuid.uuid4().hex[:12]}"
+        generation = new_generation_name()
         names, rows = _write_generation(storage, generation, files, drops, file_mb)
         manifest = {"digest": digest, "generation": generation, "files": names, "rows": rows, "shard_files": len(files)}
         storage.write_json(MANIFEST, manifest)  # the commit point
@@ -63,9 +68,15 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     return manifest
 
 
-def read_manifest(storage: Storage) -> dict[str, Any] | None:
-    """The committed generation of OUTPUT/dataset: ``files`` (paths relative to OUTPUT), ``rows``."""
-    return storage.read_json(MANIFEST) if storage.exists(MANIFEST) else None
+def new_generation_name() -> str:
+    return f"gen-{uuid.uuid4().hex[:12]}"
+
+
+def read_manifest(storage: Storage, folder: str = FOLDER) -> dict[str, Any] | None:
+    """The committed generation of OUTPUT/dataset (or of another folder in its layout, a
+    selection's): ``files`` (paths relative to OUTPUT), ``rows``."""
+    manifest = f"{folder}/_manifest.json"
+    return storage.read_json(manifest) if storage.exists(manifest) else None
 
 
 def dataset_files(storage: Storage) -> list[str]:
@@ -76,23 +87,31 @@ def dataset_files(storage: Storage) -> list[str]:
 
 def _write_generation(storage: Storage, generation: str, files: list[tuple[str, int]], drops: dict[str, set[str]],
                       file_mb: int) -> tuple[list[str], int]:
-    """Write a generation in its hidden folder, then publish it; returns its files and rows."""
-    groups = _pack([name for name, _ in files], storage.sizes("data"), file_mb * 2**20)
-    if not groups:
-        return [], 0
+    """Write the dataset's generation from its shard files, less their drops; returns its files and rows."""
+    groups = pack([name for name, _ in files], storage.sizes("data"), file_mb * 2**20)
     limits = dict(files)
-    staging, published = f"{FOLDER}/.{generation}", f"{FOLDER}/{generation}"
-    names = [f"train-{i:05d}-of-{len(groups):05d}.parquet" for i in range(len(groups))]
-    tasks = ray.data.from_items(
-        [{"target": f"{staging}/{name}", "files": group, "limits": [limits[f] for f in group],
-          "drops": [sorted(drops.get(f, ())) for f in group]}
-         for name, group in zip(names, groups)], override_num_blocks=len(groups)
+    tasks = [{"files": group, "limits": [limits[f] for f in group], "drops": [sorted(drops.get(f, ())) for f in group]}
+             for group in groups]
+    return write_generation(storage, FOLDER, generation, tasks, _write_file)
+
+
+def write_generation(storage: Storage, folder: str, generation: str, tasks: list[dict[str, Any]],
+                     write_file: Callable[..., pa.Table]) -> tuple[list[str], int]:
+    """Write a generation of ``folder`` in its hidden folder, one file per task (Ray Data, one
+    task per file: ``write_file(batch, uri, storage_options)`` gets the task's fields and its
+    ``target`` and returns ``{"rows": [n]}``), then publish it; returns its files and rows."""
+    if not tasks:
+        return [], 0
+    staging, published = f"{folder}/.{generation}", f"{folder}/{generation}"
+    names = [f"train-{i:05d}-of-{len(tasks):05d}.parquet" for i in range(len(tasks))]
+    written = ray.data.from_items(
+        [{"target": f"{staging}/{name}", **task} for name, task in zip(names, tasks)], override_num_blocks=len(tasks)
     ).map_batches(
-        _write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        write_file, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
         fn_kwargs={"uri": storage.uri, "storage_options": storage.storage_options},
     )
     rows = 0
-    for batch in tasks.iter_batches(batch_format="pyarrow", batch_size=None):  # one batch per written file
+    for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):  # one batch per written file
         rows += sum(batch["rows"].to_pylist())
     # A task whose process died mid-file (then retried by Ray) left its staging file here: it is not published.
     expected = {f"{staging}/{name}" for name in names}
@@ -110,6 +129,14 @@ def _delete_other_generations(storage: Storage, generation: str) -> None:
         if folder not in keep:
             storage.delete(folder)
     storage.delete_many([name for name in storage.list(FOLDER) if name not in keep])
+
+
+def delete_other_generations(storage: Storage, folder: str, generation: str) -> None:
+    """The generation folders of ``folder`` but ``generation`` (the previous one, the hidden
+    folder of a failed or killed write); anything else in ``folder`` stays."""
+    for sub in storage.subfolders(folder):
+        if sub != f"{folder}/{generation}" and posixpath.basename(sub).lstrip(".").startswith("gen-"):
+            storage.delete(sub)
 
 
 def _drops_by_file(log: CommitLog, dropped: pa.Table | None) -> dict[str, set[str]]:
@@ -144,7 +171,7 @@ def _take_rows(log: CommitLog, max_rows: int | None, drops: dict[str, set[str]])
     return taken
 
 
-def _pack(files: list[str], sizes: dict[str, int], target: int) -> list[list[str]]:
+def pack(files: list[str], sizes: dict[str, int], target: int) -> list[list[str]]:
     """Consecutive files in groups of about ``target`` bytes (compressed shards compact to about
     their own size)."""
     groups, current, size = [], [], 0

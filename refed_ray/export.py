@@ -12,6 +12,9 @@ a top-up round, synthesis shards were committed after it; ``kept.py``), then the
 It reads the files the dataset's
 manifest names through Ray Data: files are read and rows converted in parallel tasks; the driver
 only appends the converted lines to the one target file.
+
+``--selection METHOD-N`` exports a selection instead (``select.py``: OUTPUT/selected/METHOD-N), as
+it was committed: the same formats, from the files its manifest names.
 """
 
 from __future__ import annotations
@@ -65,22 +68,25 @@ FORMATS = tuple(CONVERTERS)
 
 
 def export(
-    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int | None = None
+    output: str, fmt: str, to: str | None = None, storage_options: dict | None = None, file_mb: int | None = None,
+    selection: str | None = None,
 ) -> tuple[str, int]:
+    """Write OUTPUT's dataset, or its selection ``selection`` (``METHOD-N``: OUTPUT/selected/METHOD-N),
+    in format ``fmt`` to ``to`` (default OUTPUT/export/[SELECTION/]FORMAT.json[l])."""
     storage = Storage(output, storage_options)
-    if not storage.exists("run.json"):
-        raise UserError(f"{output} holds no refed-ray run (no run.json)")
     if fmt not in CONVERTERS:
         raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
-    if not ray.is_initialized():
-        ray.init()
-    config = run_config(storage)
-    apply_filters(storage, log, config)
-    manifest = compact_dataset(storage, log, file_mb or config.dataset_file_mb, max_rows=config.num_samples,
-                               drops=dropped_keys(storage, log, config))
+    if selection is None:
+        manifest = up_to_date_dataset(storage, file_mb)
+    else:
+        from refed_ray.select import read_selection
+
+        manifest = read_selection(storage, selection)
+        if not ray.is_initialized():
+            ray.init()
     as_list = fmt in JSON_LIST_FORMATS
-    target = to or f"{output.rstrip('/')}/export/{fmt}.{'json' if as_list else 'jsonl'}"
+    folder = f"{output.rstrip('/')}/export" + (f"/{selection}" if selection else "")
+    target = to or f"{folder}/{fmt}.{'json' if as_list else 'jsonl'}"
     count = 0
     with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as out:
         if as_list:
@@ -99,6 +105,20 @@ def export(
         if as_list:
             out.write("\n]\n")
     return target, count
+
+
+def up_to_date_dataset(storage: Storage, file_mb: int | None = None) -> dict:
+    """OUTPUT/dataset brought up to date with the settings the run recorded (its filters'
+    commits, then the compaction); returns its manifest. Starts Ray when it is not running."""
+    if not storage.exists("run.json"):
+        raise UserError(f"{storage.uri} holds no refed-ray run (no run.json)")
+    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
+    if not ray.is_initialized():
+        ray.init()
+    config = run_config(storage)
+    apply_filters(storage, log, config)
+    return compact_dataset(storage, log, file_mb or config.dataset_file_mb, max_rows=config.num_samples,
+                           drops=dropped_keys(storage, log, config))
 
 
 def _to_lines(batch: pa.Table, fmt: str) -> pa.Table:

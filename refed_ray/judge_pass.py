@@ -34,6 +34,7 @@ from refed_ray.judge import STAGE, JudgeSampling, judge_pair, pair_reject
 from refed_ray.passes import run_engine_pass
 from refed_ray.prompts import template
 from refed_ray.records import Reject, to_table
+from refed_ray.report import api_cost
 from refed_ray.stats import StageStats
 from refed_ray.storage import Storage
 from refed_ray.workers import _abandon_reason, _EngineWorker
@@ -250,3 +251,15 @@ def read_rejects(root: Storage, committed: CommitLog) -> pa.Table | None:
     tables = [root.read_table(name, columns=["unit_id", "sample_index", "stage", "reason"])
               for name in committed.files("rejects")]
     return pa.concat_tables(tables) if tables else None
+
+
+def judge_counts(root: Storage, committed: CommitLog, judge: JudgeConfig) -> dict[str, Any]:
+    """The judge's calls, tokens and cost (API engines) under ``root``: compare.json's and a
+    judge selection's."""
+    calls = committed.stats(STAGE).stages.get(STAGE)
+    return {
+        "calls": calls.calls if calls else 0,
+        "prompt_tokens": calls.prompt_tokens if calls else 0,
+        "completion_tokens": calls.completion_tokens if calls else 0,
+        "cost": api_cost(judge.run_config(root), {STAGE: calls} if calls else {}),
+    }

@@ -30,7 +30,7 @@ from refed_ray.storage import Storage
 RUN_FILE = commits.RUN_FILE
 # Commit records first: a discard killed midway leaves no commit naming deleted files.
 KNOWN = (RUN_FILE, "_index", "_markers", "_attempts", "report.json", "report.html", "dataset", "export", "plan",
-         "feedback", "data", "rejects")
+         "feedback", "data", "rejects", "selected")
 
 
 # Fingerprint parts that outputs written before they existed lack, and the value those runs had.

@@ -82,3 +82,31 @@ def test_a_judge_with_a_position_bias_keeps_nothing(marked_run, tmp_path):
     decisions = judge_improvements(samples, 12, context(config, tmp_path, tmp_path / "log", "judge-12", always="2"))
     assert not any(decisions["keep"].to_pylist())
     assert set(decisions["reason"].to_pylist()) == {"tie: the judge's two orders disagreed"}
+
+
+def test_select_judge_writes_a_selection_with_its_judge_calls_counted_and_resumes(marked_run, tmp_path):
+    """``refed-ray select --method judge`` end to end: the selection folder holds the kept rows with
+    their reasons, _selection.json counts the judge's calls, and the same command again reuses it."""
+    from refed_ray.export import export
+    from refed_ray.select import read_selection, select
+
+    config, samples = marked_run
+    rows = samples.to_pylist()
+    better = sum(MARK in r["improved_response"] and MARK not in r["response"] for r in rows)
+    log = tmp_path / "calls.log"
+    judge = context(config, tmp_path, log, "judge-3", prefer_marker=MARK).judge_config
+
+    summary = select(config.output, "judge", 3, judge_config=judge)
+    assert (summary["kept"], summary["reused"]) == (min(3, better), False)
+    assert summary["stats"]["calls"] == 24 == len(log.read_text().splitlines())
+    storage = Storage(config.output)
+    assert storage.read_json("selected/judge-3/_selection.json")["stats"]["calls"] == 24
+    kept = pa.concat_tables(storage.read_table(f) for f in read_selection(storage, "judge-3")["files"])
+    assert kept.num_rows == summary["kept"]
+    assert all(r.startswith("improved response won both orders") for r in kept["selection_reason"].to_pylist())
+    assert all(MARK in r for r in kept["improved_response"].to_pylist())
+
+    assert select(config.output, "judge", 3, judge_config=judge)["reused"] is True
+    assert len(log.read_text().splitlines()) == 24  # no new judge call
+    path, rows = export(config.output, "jsonl", selection="judge-3")
+    assert rows == summary["kept"] and path.endswith("export/judge-3/jsonl.jsonl")

@@ -10,33 +10,20 @@ resumed and counted there like a compare's.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-
 import pyarrow as pa
 
-from refed_ray.config import RunConfig
-from refed_ray.judge_pass import judge_of_run, pair_id, read_rejects, read_verdicts, run_judge_pass
+from refed_ray.filters.decisions import SelectionContext, decisions_table
+from refed_ray.judge_pass import (
+    judge_counts, judge_of_run, pair_id, read_rejects, read_verdicts, run_judge_pass,
+)
 from refed_ray.storage import Storage
 
 JUDGE_FOLDER = "judge"
-DECISION_SCHEMA = pa.schema([("unit_id", pa.string()), ("sample_index", pa.int64()), ("keep", pa.bool_()),
-                             ("reason", pa.string())])
 REASONS = {
     "x": "improved response won both orders",
     "y": "original response won both orders",
     "tie": "tie: the judge's two orders disagreed",
 }
-
-
-@dataclass(frozen=True)
-class SelectionContext:
-    """What a selection filter may use beyond the samples (the integrator unifies it with select's)."""
-
-    selection: Storage  # OUTPUT/selected/<method>-<N>/
-    run: Storage  # OUTPUT
-    config: RunConfig  # the run's config (its teacher is the default judge)
-    judge_config: str | None  # --judge-config: a YAML file with an engine: section
-    seed: int
 
 
 def judge_improvements(samples: pa.Table, size: int, context: SelectionContext) -> pa.Table:
@@ -71,5 +58,5 @@ def judge_improvements(samples: pa.Table, size: int, context: SelectionContext) 
         keep = winner == "x" and sum(keeps) < size
         keeps.append(keep)
         reasons.append(REASONS[winner] + ("" if keep or winner != "x" else f", beyond the first {size}"))
-    return pa.table([samples["unit_id"].cast(pa.string()), samples["sample_index"].cast(pa.int64()),
-                     pa.array(keeps, pa.bool_()), pa.array(reasons, pa.string())], schema=DECISION_SCHEMA)
+    context.stats.update(judge_counts(root, committed, judge))  # calls, tokens and cost: _selection.json
+    return decisions_table(samples, keeps, reasons)
