@@ -125,7 +125,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bad-seeds", type=int, help="bad seed rows skipped before stopping")
     parser.add_argument("--max-extra-units", type=float,
                         help="top-up budget: units beyond ceil(N/K) to replace rejects, as a share of them")
-    parser.add_argument("--feedback-mode", choices=["reference", "sample", "none"],
+    parser.add_argument("--feedback-mode", choices=_feedback_modes(),
                         help="reference: the method (default); sample: the paper's baseline, one feedback call per "
                              "response; none: no refinement")
     parser.add_argument("--instructions-from", metavar="OUTPUT_A",
@@ -256,5 +256,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feedback_modes() -> list[str]:
+    """The modes config.FeedbackConfig accepts (one refiner each, refiners.py): listed once, there."""
+    import typing
+
+    from refed_ray.config import FeedbackConfig
+
+    return list(typing.get_args(FeedbackConfig.model_fields["mode"].annotation))
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

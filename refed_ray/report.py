@@ -13,7 +13,7 @@ from refed_ray.config import RunConfig
 from refed_ray.kept import kept_samples, pass_totals
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
-from refed_ray.stages import AFTER_INSTRUCTIONS, PassName, Stage
+from refed_ray.stages import AFTER_INSTRUCTIONS, CALLING_STAGES, PassName, Stage
 from refed_ray.stats import ShardStats, StageStats, empty_stats, first_calls, merge
 
 FEEDBACK_STAGES = ("feedback", "sample_feedback")  # the stages whose calls are feedback calls
@@ -109,7 +109,7 @@ def build_report(
         "all_planned_samples_accounted": samples + lost == planned_samples,
         "dataset": {"files": dataset["files"], "rows": dataset["rows"]},
         "stages": {name: s.model_dump(exclude={"first_calls"}) | {"retries": s.calls - first_calls(name, s)}
-                   for name, s in stages.items()},
+                   for name, s in sorted(stages.items(), key=_stage_order)},
         # Share of prompt tokens vLLM served from its prefix cache (0 for engines that do not say).
         "prefix_cache_hit_rate": round(
             sum(s.cached_prompt_tokens for s in stages.values()) / max(1, sum(s.prompt_tokens for s in stages.values())), 3
@@ -159,7 +159,7 @@ def summary(report: dict[str, Any]) -> str:
     ]
     for name, s in stages.items():
         lines.append(
-            f"  {name:<13} in {s['rows_in']:>7}  out {s['rows_out']:>7}  rejected {s['rejected']:>5}"
+            f"  {name:<15} in {s['rows_in']:>7}  out {s['rows_out']:>7}  rejected {s['rejected']:>5}"
             f"  tokens {s['prompt_tokens']:>9} in / {s['completion_tokens']:>8} out"
         )
     for reason, count in list(report["rejects"]["by_reason"].items())[:6]:
@@ -184,3 +184,9 @@ def summary(report: dict[str, Any]) -> str:
     )
     lines.append(f"  look at: {report['output']}/report.html (charts, samples), {report['output']}/dataset/README.md (card)")
     return "\n".join(lines)
+
+
+def _stage_order(item: tuple[str, StageStats]) -> int:
+    """Stages in the order a sample meets them (``stages.CALLING_STAGES``), others after."""
+    order = [str(stage) for stage in CALLING_STAGES]
+    return order.index(item[0]) if item[0] in order else len(order)
