@@ -30,6 +30,7 @@ from refed_ray.judge_pass import (
     JudgeConfig, judge_counts, judge_of_run, pair_id, read_verdicts, run_judge_pass,
 )
 from refed_ray.quality import token_lengths
+from refed_ray.stages import CALLING_STAGES
 from refed_ray.storage import Storage
 
 RESULT = "compare.json"
@@ -111,7 +112,8 @@ def paired_rows(run_a: Storage, run_b: Storage) -> tuple[pa.Table, dict[str, int
 def run_figures(report: dict[str, Any]) -> dict[str, Any]:
     """One run's cost in calls and tokens, per accepted sample and by stage, from its report.json."""
     samples = max(1, report["samples"])
-    stages = {name: s for name, s in report["stages"].items() if s["calls"]}
+    order = [str(stage) for stage in CALLING_STAGES]  # the order a sample meets them
+    stages = {name: report["stages"][name] for name in order if report["stages"].get(name, {}).get("calls")}
     quality = report.get("quality") or {}
     return {
         "model": report["model"],
@@ -135,7 +137,8 @@ def length_figures(texts: list[str]) -> dict[str, float]:
     """Lengths in quality.py's tokens (words and punctuation marks)."""
     lengths = token_lengths(texts) or [0]
     p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
-    return {"mean": round(float(np.mean(lengths)), 1), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+    return {"mean": round(float(np.mean(lengths)), 1), "p10": round(float(p10), 1), "p50": round(float(p50), 1),
+            "p90": round(float(p90), 1)}
 
 
 def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str]) -> dict[str, Any]:

@@ -61,6 +61,12 @@ class Method:
     judged: bool = False
 
 
+# What selects more samples when too few qualify, per method.
+_MORE = {
+    "judge": "a larger run (--num-samples) or a stronger judge (--judge-config) selects more",
+    "rougel": "a larger run (--num-samples) or a higher --threshold selects more",
+    "random": "a larger run (--num-samples) selects more",
+}
 METHODS: dict[str, Method] = {
     "judge": Method("refed_ray.filters.judge:judge_improvements", ("instruction", "response", "improved_response"),
                     judged=True),
@@ -206,7 +212,7 @@ def _commit(storage: Storage, folder: str, source: dict, files: list[str], rows_
         "kept": kept, "dropped": decisions.num_rows - kept, "path": storage.full_uri(folder), "stats": stats,
         "shortfall": None if kept >= size else (
             f"{kept:,} of the {size:,} samples asked for qualified (of {decisions.num_rows:,} in the dataset): "
-            f"the selection holds them; a larger run (--num-samples), or another --threshold, selects more"),
+            f"the selection holds those; {_MORE[source['method']]} (_decisions/ gives each sample's reason)"),
     }
     storage.write_json(f"{folder}/_manifest.json", {"generation": generation, "files": written, "rows": rows,
                                                     "source": source, "decisions": decisions_file,
