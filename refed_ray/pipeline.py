@@ -183,7 +183,11 @@ def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int,
         units = sum(t.rejected(stage, reason_prefix=prefix) for t in totals.values())
         if units:
             why.append(f"{units} units ({units * k} samples) {units_that}")
-    if report["samples"] == 0:
+    if config.instructions_from:
+        why.append(f"this run refines the samples of {config.instructions_from} and makes no top-up round")
+        advice = ("run A with a larger --num-samples, then this run with the same one and --force-new; or "
+                  "compare what both runs hold (refed-ray compare pairs the samples they share)")
+    elif report["samples"] == 0:
         why.append("no unit yielded a sample, so no top-up can be sized")
         advice = "fix what rejected them (rejects/ holds each reason), then start again with --force-new"
     else:

@@ -105,3 +105,16 @@ def test_the_cli_refuses_an_earlier_run_that_is_missing_or_unfinished(tmp_path):
     write_plan(storage, [r.reference_id for r in read_seeds(a.seeds, 0).references], N, K, 0, 2)
     with pytest.raises(UserError, match=r"2 of its 2 planned shards are not committed: finish that run first"):
         preflight(config_for(tmp_path, "b", seeds, instructions_from=a.output))
+
+
+def test_a_short_run_reusing_instructions_names_its_source_not_a_top_up_budget(tmp_path):
+    """A run with instructions_from makes no top-up round: its shortfall advice must not be to
+    raise max_extra_units, which cannot help it."""
+    from refed_ray.pipeline import _shortfall
+
+    config = RunConfig(num_samples=8, instructions_per_aspect=4, instructions_from=str(tmp_path / "a"))
+    report = {"delivered": 7, "rejected_samples": 1, "samples": 7, "plan": {"planned_samples": 8},
+              "units": {"committed": 2}}
+    message = _shortfall(config, report, planned_units=2, totals={})["message"]
+    assert "delivered 7 of 8" in message and str(tmp_path / "a") in message
+    assert "max_extra_units" not in message and "--force-new" in message
