@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                              "ROUGE-L F of instructions below --threshold; random: a seeded subset")
     select.add_argument("--size", type=int, required=True, metavar="N", help="samples to select")
     select.add_argument("--threshold", type=float, metavar="T", help="rougel: ROUGE-L F threshold (default 0.7)")
-    select.add_argument("--seed", type=int, metavar="S", help="random: the subset's seed (default: the run's)")
+    select.add_argument("--seed", type=int, metavar="S", help="random: the subset's seed; judge: the judge's sampling seed (default: the run's)")
     select.add_argument("--judge-config", metavar="FILE", help="judge: a YAML config whose engine judges "
                         "(default: the run's teacher)")
     select.add_argument("--config", help="the run's YAML config, for its storage_options")

@@ -56,13 +56,13 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from refed_ray.errors import UserError
-from refed_ray.stages import PassName
+from refed_ray.stages import RUN_PASSES
 from refed_ray.stats import ShardStats
 from refed_ray.storage import Storage
 
 RUN_FILE = "run.json"  # the run that owns OUTPUT (written by output.py)
 DISCARDING = "discarding"  # in run.json while --force-new deletes the run it names
-PASSES = tuple(p.value for p in PassName)  # every pass (stages.py); judge: under a compare or selection root
+PASSES = tuple(p.value for p in RUN_PASSES)  # a run's OUTPUT (stages.py); a judge root reads its own
 TABLE_FOLDERS = ("feedback", "data", "rejects")
 INDEX_SCHEMA = pa.schema(
     [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import ray
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,7 +30,7 @@ from refed_ray.config import (
 )
 from refed_ray.errors import UserError
 from refed_ray.judge import STAGE, JudgeSampling, judge_pair, pair_reject
-from refed_ray.passes import run_engine_pass
+from refed_ray.passes import engine_worker_args, run_engine_pass
 from refed_ray.prompts import template
 from refed_ray.records import Reject, to_table
 from refed_ray.report import api_cost
@@ -178,7 +177,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     secrets = pipeline._engine_secrets(config)
     run_id = _claim_root(root, {"judged": _digest(judged), "judge": judge.fingerprint()},
                          {"judged": judged, "judge": _redact(judge.model_dump(exclude={"storage_options"}))}, force_new)
-    committed = CommitLog(root)
+    committed = CommitLog(root, passes=(STAGE,))
     committed.remove_leftovers()
     blocks = _pending_shards(pairs, judge.workers.units_per_shard, set(committed.commits[STAGE]))
     if not blocks:
@@ -186,14 +185,8 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     log.info("judge: %d shards of pairs to do (%d committed)", len(blocks), len(committed.commits[STAGE]))
     pipeline._connect_ray()
     config = pipeline._resolve_device(config)
-    engine_args = {
-        "config_json": config.model_dump_json(),
-        "secrets": [ray.put(secrets)],
-        "judge_sampling_json": judge.sampling.model_dump_json(),
-        "run_id": run_id,
-        "submission": uuid.uuid4().hex[:12],
-        **pipeline._rate_limiter(config),
-    }
+    engine_args = {**engine_worker_args(config, root, secrets, run_id),
+                   "judge_sampling_json": judge.sampling.model_dump_json()}
     run_engine_pass(STAGE, blocks, JudgeWorker, engine_args, committed, config=config, engines=len(blocks))
     return committed
 

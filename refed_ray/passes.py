@@ -41,6 +41,7 @@ place that absorbs commits into a pass's index (``CommitLog.write_index``).
 from __future__ import annotations
 
 import time
+import uuid
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,22 @@ def run_engine_pass(
     dataset = engine_dataset(blocks, worker, worker_args, config, engines)
     with progress or nullcontext():
         return drain(dataset, committed, pass_name, index_every)
+
+
+def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str], run_id: str) -> dict[str, Any]:
+    """The constructor arguments of an engine pass's workers (``workers._EngineWorker``), made on
+    the driver once per command: every pass of the command shares them, and with them its engine
+    kind's driver-side helpers (the openai rate limiter), alive until the command ends."""
+    return {
+        # Workers get the root's full URI: their working directory is not the driver's.
+        "config_json": config.model_copy(update={"output": root.full_uri()}).model_dump_json(),
+        # Secrets travel through the object store, never in the config or a runtime env.
+        "secrets": [ray.put(secrets)],
+        # Commits carry the run's id; engine deaths count per driver process ("submission"): commits.py.
+        "run_id": run_id,
+        "submission": uuid.uuid4().hex[:12],
+        **engine_kind(config.engine.kind).driver_args(config.engine),
+    }
 
 
 def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], config: RunConfig,

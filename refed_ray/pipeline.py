@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from refed_ray.instructions_from import EarlierRun, copy_plan, read_earlier_run
 from refed_ray.kept import RUN_FILTERS, accepted_samples, dropped_keys, pass_totals
 from refed_ray.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.passes import (
-    FEEDBACK, INDEX_EVERY_SHARDS, SEEDS, SYNTHESIS, PassResult, commit_on_driver, run_engine_pass,
+    FEEDBACK, INDEX_EVERY_SHARDS, SEEDS, SYNTHESIS, PassResult, commit_on_driver, engine_worker_args, run_engine_pass,
 )
 from refed_ray.plan import (
     PlanSummary, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
@@ -92,17 +91,8 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
              plan.units, plan.shards, plan.rounds, len(plan.references_used))
 
     config = _resolve_device(config)
-    # Workers get the output's full URI: their working directory is not the driver's.
-    worker_config = config.model_copy(update={"output": storage.full_uri()})
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
-    engine_args = {
-        "config_json": worker_config.model_dump_json(),
-        "secrets": [ray.put(checked.secrets)],
-        # Commits carry the run's id; engine deaths count per driver process ("submission"): commits.py.
-        "run_id": run_id,
-        "submission": uuid.uuid4().hex[:12],
-        **_rate_limiter(config),
-    }
+    engine_args = engine_worker_args(config, storage, checked.secrets, run_id)
     units_before = len(committed.ids(SYNTHESIS.name))
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
@@ -267,12 +257,6 @@ def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback
         for row in storage.read_table(name).to_pylist():
             feedback.setdefault(row["reference_id"], Feedback(**row))
     return feedback
-
-
-def _rate_limiter(config: RunConfig) -> dict[str, Any]:
-    """Engine args the driver starts once for the whole run (openai: the actor that spaces every
-    API call to the configured rates)."""
-    return engine_kind(config.engine.kind).driver_args(config.engine)
 
 
 def _check_engine(config: RunConfig) -> None:

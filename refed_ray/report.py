@@ -13,10 +13,9 @@ from refed_ray.config import RunConfig
 from refed_ray.kept import kept_samples, pass_totals
 from refed_ray.plan import PlanSummary, units_needed
 from refed_ray.seeds import SeedSet
-from refed_ray.stages import AFTER_INSTRUCTIONS, CALLING_STAGES, PassName, Stage
+from refed_ray.stages import AFTER_INSTRUCTIONS, CALLING_STAGES, FEEDBACK_STAGES, PassName, Stage
 from refed_ray.stats import ShardStats, StageStats, empty_stats, first_calls, merge
 
-FEEDBACK_STAGES = ("feedback", "sample_feedback")  # the stages whose calls are feedback calls
 
 
 def build_report(

@@ -152,7 +152,7 @@ def _settings(spec: Method, context: SelectionContext) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if spec.default_threshold is not None:
         settings["threshold"] = context.threshold
-    if spec.seeded:
+    if spec.seeded or spec.judged:  # the judge's sampling seed too
         settings["seed"] = context.seed
     if spec.judged:
         settings["judge_config"] = _file_digest(context.judge_config, context.run.storage_options)

@@ -50,5 +50,5 @@ class PassName(StrEnum):
 #: The passes a run's OUTPUT holds (``commits.CommitLog`` reads every ``PassName``).
 RUN_PASSES: tuple[PassName, ...] = (PassName.SEEDS, PassName.FEEDBACK, PassName.SYNTHESIS, PassName.DEDUP)
 
-#: Reference-level feedback calls per reference (instruction feedback + response feedback).
-FEEDBACK_CALLS_PER_REFERENCE = 2
+#: The stages whose calls are feedback calls (report.json's feedback_calls).
+FEEDBACK_STAGES: tuple[Stage, ...] = (Stage.FEEDBACK, Stage.SAMPLE_FEEDBACK)

@@ -5,7 +5,6 @@ import pytest
 import yaml
 
 from refed_ray.config import RunConfig
-from refed_ray.errors import UserError
 from refed_ray.filters.judge import SelectionContext, judge_improvements
 from refed_ray.pipeline import run
 from refed_ray.storage import Storage
@@ -73,8 +72,10 @@ def test_keeps_the_first_samples_whose_improved_response_wins_both_orders(marked
 
     again = judge_improvements(samples, size, context(config, tmp_path, log, prefer_marker=MARK))
     assert again.equals(decisions) and len(log.read_text().splitlines()) == 24  # resumed: no new call
-    with pytest.raises(UserError, match="another judging"):
-        judge_improvements(samples, size, context(config, tmp_path, log, always="1"))
+    # Another judge over the same selection judges afresh, in a folder of its own, not refused.
+    biased = judge_improvements(samples, size, context(config, tmp_path, log, always="1"))
+    assert not any(biased["keep"].to_pylist()) and len(log.read_text().splitlines()) == 48
+    assert len(Storage(f"{config.output}/selected/judge-4/judge").subfolders("")) == 2
 
 
 def test_a_judge_with_a_position_bias_keeps_nothing(marked_run, tmp_path):

@@ -52,7 +52,8 @@ def test_retries_come_from_the_questions_asked_not_from_a_calls_per_row_factor()
 def test_stage_and_pass_names_are_the_ones_outputs_hold():
     assert [str(s) for s in CALLING_STAGES] == ["feedback", "instructions", "responses", "sample_feedback",
                                                 "refinement", "judge"]
-    assert commits.PASSES == ("seeds", "feedback", "synthesis", "dedup", "judge")
+    # A run's OUTPUT holds these passes; the judge's commits live under a compare or selection root.
+    assert commits.PASSES == ("seeds", "feedback", "synthesis", "dedup")
     # Shard names follow the pass name and ids exactly as before the seam: resumes find their shards.
     assert SYNTHESIS.shard_name(["b", "a"]) == commits.shard_name("synthesis", ["a", "b"])
     rows = [{"reference_id": f"r{i}", "x": i} for i in range(5)]

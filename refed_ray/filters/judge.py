@@ -3,13 +3,14 @@ orders, prefers its improved response to its original response both times.
 
 A filter (see the brief's contract): per sample of the run, in dataset order, keep or drop with
 a reason; at most ``size`` keeps, the first ones. Its judge calls are the judge pass
-(``judge_pass.py``) under the selection's folder, ``<selection>/judge/``: sharded, committed,
+(``judge_pass.py``) under the selection's folder, ``<selection>/judge/<judge id>/``: sharded, committed,
 resumed and counted there like a compare's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pyarrow as pa
 
 from refed_ray.filters.decisions import SelectionContext, decisions_table
@@ -35,13 +36,17 @@ def judge_improvements(samples: pa.Table, size: int, context: SelectionContext) 
         "response_y": samples["response"],
     })
     judge = judge_of_run(context.run, context.judge_config)
-    if not context.judge_config:
-        judge = judge.model_copy(update={"storage_options": context.config.storage_options})
-    judge = judge.model_copy(update={"sampling": judge.sampling.model_copy(update={"seed": context.seed})})
-    root = Storage(f"{context.selection.uri}/{JUDGE_FOLDER}", context.selection.storage_options)
-    # The samples judged, by digest: a selection over other samples is another judging.
-    judged = {"run": context.run.uri, "samples": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
-    committed = run_judge_pass(root, pairs, judge, judged)
+    # The judge's actors write under the run's OUTPUT: with its storage options (run.json masks them).
+    judge = judge.model_copy(update={
+        "storage_options": context.run.storage_options,
+        "sampling": judge.sampling.model_copy(update={"seed": context.seed}),
+    })
+    # One folder per judge: another judge (or seed) starts its own verdicts instead of being
+    # refused, and switching back reuses the first one's. Pair ids name the samples, so after a
+    # top-up the verdicts of samples judged before are kept: only new shards are judged.
+    judge_id = hashlib.sha256(json.dumps(judge.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+    root = Storage(f"{context.selection.uri}/{JUDGE_FOLDER}/{judge_id}", context.run.storage_options)
+    committed = run_judge_pass(root, pairs, judge, {"run": context.run.uri})
     verdicts = read_verdicts(root, committed)
     winners = dict(zip(verdicts["pair_id"].to_pylist(), verdicts["winner"].to_pylist()))
     rejects = read_rejects(root, committed)
