@@ -114,6 +114,10 @@ class EngineConfig(_Section):
             raise PydanticCustomError("engine_kind", "Input should be {expected}", {"expected": kinds.listed()})
         return kind
 
+    def model_name(self) -> str:
+        """The model as reports name it (a run's teacher, a judge)."""
+        return self.model or "gemma-3-270m (embedded default)"
+
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> EngineConfig:
         problem = kinds.engine_kind(self.kind).problem(self)
@@ -313,7 +317,7 @@ class RunConfig(_Section):
         return self.storage_options if self.seeds_storage_options is None else self.seeds_storage_options
 
     def model_name(self) -> str:
-        return self.engine.model or "gemma-3-270m (embedded default)"
+        return self.engine.model_name()
 
     def fingerprint(self, prompts_digest: str, references_digest: str) -> dict[str, str]:
         """What a resumed run must share with the run that wrote OUTPUT, part by part."""

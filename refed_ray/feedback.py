@@ -77,12 +77,19 @@ _REPLIES = {
 
 
 async def _ask_feedback(engine: Engine, step: str, reference: Reference, seed: int, config: RunConfig) -> Answer:
-    reply_model, seed_name = _REPLIES[step]
+    return await ask_feedback(engine, step, reference.instruction, reference.response,
+                              derive_seed(seed, _REPLIES[step][1]), config)
+
+
+async def ask_feedback(engine: Engine, step: str, instruction: str, response: str, seed: int,
+                       config: RunConfig) -> Answer:
+    """One feedback call (``step``: a feedback prompt) on a pair: a reference's, or in feedback
+    mode sample a synthesized one (``sample_feedback.py``)."""
     return await ask(
         engine,
-        render(step, instruction=reference.instruction, response=reference.response),
-        reply_model(config.sampling.feedback_max_chars),
-        seed=derive_seed(seed, seed_name),
+        render(step, instruction=instruction, response=response),
+        _REPLIES[step][0](config.sampling.feedback_max_chars),
+        seed=seed,
         max_tokens=config.sampling.feedback_max_tokens,
         sampling=config.sampling,
     )

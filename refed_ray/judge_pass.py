@@ -35,6 +35,7 @@ from refed_ray.prompts import template
 from refed_ray.records import Reject, to_table
 from refed_ray.report import api_cost
 from refed_ray.stats import StageStats
+from refed_ray.status import run_config
 from refed_ray.storage import Storage
 from refed_ray.workers import _abandon_reason, _EngineWorker
 
@@ -59,7 +60,7 @@ class JudgeConfig(BaseModel):
     )
 
     def model_name(self) -> str:
-        return self.engine.model or "gemma-3-270m (embedded default)"
+        return self.engine.model_name()
 
     def fingerprint(self) -> dict[str, str]:
         """What verdicts depend on: a resume under other settings would mix verdicts of two judges."""
@@ -96,14 +97,10 @@ def judge_of_run(run: Storage, judge_config: str | None) -> JudgeConfig:
     """The judge a command asked for, or else the run's own teacher (its run.json), on the run's workers."""
     if judge_config:
         return load_judge_config(judge_config)
-    config = read_run_config(run)
-    return JudgeConfig(engine=config["engine"], workers=config["workers"], storage_options=run.storage_options)
-
-
-def read_run_config(run: Storage) -> dict[str, Any]:
     if not run.exists(commits.RUN_FILE):
         raise UserError(f"{run.uri} holds no refed-ray run ({commits.RUN_FILE})")
-    return run.read_json(commits.RUN_FILE)["config"]
+    config = run_config(run)
+    return JudgeConfig(engine=config.engine, workers=config.workers, storage_options=run.storage_options)
 
 
 class Verdict(BaseModel):

@@ -10,23 +10,15 @@ from __future__ import annotations
 
 from refed_ray.config import RunConfig
 from refed_ray.engines.base import Engine
-from refed_ray.prompts import render
-from refed_ray.records import response_analysis_model
+from refed_ray.feedback import ask_feedback
 from refed_ray.refinement import refine_with
 from refed_ray.refiners import Refined, refined_from
-from refed_ray.structured import Answer, ask, derive_seed
+from refed_ray.structured import Answer, derive_seed
 
 
 async def feedback_on_sample(engine: Engine, instruction: str, response: str, seed: int, config: RunConfig) -> Answer:
-    """The ``Answer``'s value has ``.response_feedback``."""
-    return await ask(
-        engine,
-        render("feedback_response", instruction=instruction, response=response),
-        response_analysis_model(config.sampling.feedback_max_chars),
-        max_tokens=config.sampling.feedback_max_tokens,
-        sampling=config.sampling,
-        seed=seed,
-    )
+    """The response-feedback prompt on the new pair. The ``Answer``'s value has ``.response_feedback``."""
+    return await ask_feedback(engine, "feedback_response", instruction, response, seed, config)
 
 
 async def refine_with_own_feedback(

@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from refed_ray.config import RunConfig
 from refed_ray.dataset import delete_other_generations, new_generation_name, pack, read_manifest, write_generation
 from refed_ray.errors import UserError
 from refed_ray.filters.decisions import DECISIONS, SelectionContext
 from refed_ray.records import Sample, arrow_schema
+from refed_ray.status import run_config
 from refed_ray.storage import Storage
 
 FOLDER = "selected"
@@ -87,7 +87,7 @@ def select(output: str, method: str, size: int, threshold: float | None = None, 
     decide = _load(method, spec)
     storage = Storage(output, storage_options)
     dataset = up_to_date_dataset(storage)
-    config = RunConfig.model_validate(storage.read_json("run.json")["config"])
+    config = run_config(storage)
     folder = f"{FOLDER}/{method}-{size}"
     context = SelectionContext(selection=Storage(f"{storage.uri}/{folder}", storage.storage_options), run=storage,
                                config=config, judge_config=judge_config, threshold=threshold,
