@@ -37,7 +37,7 @@ K, UNITS_PER_SHARD = 10, 64
 def driver(config_json: str) -> None:
 
     from refed_ray.config import RunConfig
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
 
     start_ray(4)
     report = run(RunConfig.model_validate_json(config_json))
@@ -137,8 +137,8 @@ def main() -> int:
 def check(output: Path, args, kills: int, driver_kills: int, runs: int, shards_in_flight: int, wall: float) -> None:
     from collections import Counter
 
-    from refed_ray.commits import CommitLog
-    from refed_ray.plan import read_plan
+    from refed_ray.records.commits import CommitLog
+    from refed_ray.records.plan import read_plan
     from refed_ray.storage import Storage
 
     storage = Storage(str(output))

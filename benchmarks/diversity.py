@@ -3,9 +3,9 @@
 Part 1 (the embedded CPU teacher, real vLLM): one reference, both aspects, ``--rounds`` rounds of
 the instruction step only, K as the demo (jobs/demo.yaml). Two designs, side by side:
 - "same prompt": every round sends round 0's prompt (only the seed changes), as before;
-- "seeded variation": round r >= 1 carries its own facet combination (refed_ray/instructions.py).
+- "seeded variation": round r >= 1 carries its own facet combination (refed_ray/method/instructions.py).
 For each, the near-duplicate rate: the share of instructions at Jaccard >= threshold (the dedup
-measure, refed_ray/similarity.py) with the reference or an earlier instruction of the set. Then
+measure, refed_ray/method/similarity.py) with the reference or an earlier instruction of the set. Then
 the dedup pass (in-unit check + the global MinHash-LSH pass, as a run does them) and the pairs
 above the threshold that survive it (target 0).
 
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from refed_ray.dedup import deduplicate, dropped_keys
-from refed_ray.similarity import jaccard
+
+from refed_ray.method.similarity import jaccard
 
 
 def main() -> None:
@@ -62,12 +63,13 @@ def main() -> None:
 
 def engine_part(rounds: int, model: str | None) -> None:
     from refed_ray.config import RunConfig
-    from refed_ray.engines.base import create_engine
-    from refed_ray.feedback import collect_feedback
-    from refed_ray.instructions import synthesize_instructions
-    from refed_ray.records import ASPECTS, WorkUnit
-    from refed_ray.seeds import read_seeds
-    from refed_ray.structured import derive_seed
+    from refed_ray.data.seeds import read_seeds
+    from refed_ray.engines.kinds import create_engine
+    from refed_ray.method.feedback import collect_feedback
+    from refed_ray.method.instructions import synthesize_instructions
+    from refed_ray.method.refiners import refiner_for
+    from refed_ray.method.structured import derive_seed
+    from refed_ray.records.models import ASPECTS, WorkUnit
 
     config = RunConfig.model_validate(yaml.safe_load((ROOT / "jobs/demo.yaml").read_text()))
     config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": "cpu", "model": model})})
@@ -78,7 +80,8 @@ def engine_part(rounds: int, model: str | None) -> None:
           f"{reference.reference_id!r}, K={config.instructions_per_aspect}, {rounds} rounds x 2 aspects per design")
 
     async def both_designs():
-        feedback = (await collect_feedback(engine, reference, config)).feedback
+        steps = refiner_for(config.feedback.mode).reference_feedback
+        feedback = (await collect_feedback(engine, reference, config, steps)).feedback
         if feedback is None:
             raise SystemExit("the teacher's feedback on the reference did not validate; run again")
         designs = {}
@@ -124,7 +127,7 @@ def near_duplicate_rate(texts: list[str], reference: str, ngram: int, threshold:
 
 def after_dedup(instructions, reference: str, config) -> list[str]:
     """What a run keeps: the in-unit check, then the global pass over the committed rest."""
-    from refed_ray.similarity import near_duplicates_within
+    from refed_ray.method.similarity import near_duplicates_within
 
     by_unit: dict[str, list[str]] = {}
     for unit, _, text in instructions:
@@ -192,10 +195,10 @@ def commit_texts(work: Path, texts: list[str], shard_rows: int):
     """``texts`` as committed synthesis shards of an OUTPUT, the way a run leaves them."""
     import pyarrow as pa
 
-    from refed_ray import commits
-    from refed_ray.commits import CommitLog
-    from refed_ray.records import Sample, arrow_schema
-    from refed_ray.stats import ShardStats
+    from refed_ray.records import commits
+    from refed_ray.records.commits import CommitLog
+    from refed_ray.records.models import Sample, arrow_schema
+    from refed_ray.records.stats import ShardStats
     from refed_ray.storage import Storage
 
     storage = Storage(str(work / "out"))

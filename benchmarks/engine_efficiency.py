@@ -12,7 +12,7 @@ real run (model, tensor parallelism, workers) and enough samples to fill an engi
 Each run is interleaved: pipeline, bare, pipeline, bare (``--runs``, default 2), all in one Ray
 cluster and process tree, and the medians are printed.
 
-- **Pipeline**: ``refed_ray.pipeline.run`` into a fresh OUTPUT (``--force-new``), unchanged, with
+- **Pipeline**: ``refed_ray.run.pipeline.run`` into a fresh OUTPUT (``--force-new``), unchanged, with
   every ``VLLMEngine`` request recorded (messages, JSON schema, max_tokens, sampling, submit and
   finish times, tokens) by a Ray worker setup hook that wraps ``VLLMEngine.complete`` in each
   worker process. Its throughput is the synthesis requests' completion tokens per engine-second
@@ -51,7 +51,7 @@ import ray
 
 RECORDER = "refed-efficiency-recorder"
 NAMESPACE = "refed-efficiency"
-# Schema titles of the feedback pass's replies (refed_ray.records); every other request is synthesis.
+# Schema titles of the feedback pass's replies (refed_ray.records.models); every other request is synthesis.
 FEEDBACK_TITLES = {"InstructionAnalysis", "ResponseAnalysis"}
 
 
@@ -126,7 +126,7 @@ def bare_replay(config_json: str, requests: list[dict[str, Any]], unconstrained:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    from refed_ray.config import EngineConfig
+    from refed_ray.engines.config import EngineConfig
     from refed_ray.engines.vllm_engine import (
         encode_chat,
         engine_kwargs,
@@ -286,7 +286,7 @@ def main() -> int:
 
     from refed_ray.config import load_config
     from refed_ray.engines.vllm_engine import actor_resources
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
 
     config = load_config(args.config, {
         "output": args.output, "num_samples": args.num_samples, "engine.device": args.device,

@@ -122,7 +122,7 @@ def count_requests() -> dict[str, int]:
 def one(config_json: str, cpus: int) -> None:
 
     from refed_ray.config import RunConfig
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
 
     counts = count_requests()
     watcher = PeakWorkerRSS()
@@ -174,7 +174,7 @@ def objects_left(output: Path) -> int:
 def objects_written(output: Path, shards: int) -> int:
     """What the protocol writes: per shard its files, marker and attempt counter; then the plan,
     index rewrites, dataset, run.json and report. Counted from OUTPUT's own records."""
-    from refed_ray.commits import CommitLog
+    from refed_ray.records.commits import CommitLog
     from refed_ray.storage import Storage
 
     log = CommitLog(Storage(str(output)))

@@ -1,4 +1,4 @@
-"""Time and peak memory of the ROUGE-L selection (refed_ray/filters/rougel.py) on synthetic
+"""Time and peak memory of the ROUGE-L selection (refed_ray/experiments/selections/rougel.py) on synthetic
 instructions: ``python benchmarks/select_rougel.py [COUNT ...]`` (default 100000 200000).
 
 The instructions mimic a synthesis run's: 12 to 40 words drawn from a Zipf-like vocabulary of
@@ -24,7 +24,7 @@ import time
 
 import pyarrow as pa
 
-from refed_ray.filters.rougel import rougel_diversity
+from refed_ray.experiments.selections.rougel import rougel_diversity
 
 OPENINGS = ["explain how", "write a short", "describe why", "list the steps to", "compare", "summarize",
             "give an example of", "what is the difference between"]

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from refed_ray.config import load_config
-from refed_ray.pipeline import run
+from refed_ray.run.pipeline import run
 
 
 def main() -> int:

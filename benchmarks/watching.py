@@ -55,8 +55,8 @@ def demo(workdir: Path) -> None:
     import ray
 
     from refed_ray.config import load_config
-    from refed_ray.estimate import plan_run
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
+    from refed_ray.watch.estimate import plan_run
 
     config = load_config(str(ROOT / "jobs" / "demo.yaml"), {
         "output": str(workdir / "demo"), "engine.kind": "custom", "engine.class_path": "tests.fake_engine:FakeEngine"})
@@ -69,7 +69,7 @@ def demo(workdir: Path) -> None:
 def scale(workdir: Path, pilot_size: int, size: int, engines: int, cpus: int) -> None:
     from benchmarks.scale import config_for, measure, write_seeds
     from refed_ray.config import RunConfig
-    from refed_ray.estimate import plan_run
+    from refed_ray.watch.estimate import plan_run
 
     seeds = workdir / "seeds.jsonl"
     write_seeds(seeds, 1000)
@@ -92,8 +92,8 @@ def rejects(workdir: Path, pilot_size: int, size: int) -> None:
     import ray
 
     from refed_ray.config import RunConfig
-    from refed_ray.estimate import plan_run
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
+    from refed_ray.watch.estimate import plan_run
 
     def config(output: Path, num_samples: int) -> RunConfig:
         return RunConfig.model_validate({
@@ -131,8 +131,8 @@ def status_requests(output: Path) -> None:
     files = [p for p in output.rglob("*") if p.is_file()]
     for path in files:
         client.upload_file(str(path), "bench", f"run/{path.relative_to(output)}")
-    from refed_ray.status import describe, read_status
     from refed_ray.storage import Storage
+    from refed_ray.watch.status import describe, read_status
 
     storage = Storage("s3://bench/run")
     calls = count_requests(storage)

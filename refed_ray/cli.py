@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from refed_ray.sizing import GPUS
+    from refed_ray.watch.sizing import GPUS
 
     parser = argparse.ArgumentParser(prog="refed-ray", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -135,8 +135,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    from refed_ray.pipeline import run
-    from refed_ray.report import summary
+    from refed_ray.reports.report import summary
+    from refed_ray.run.pipeline import run
 
     report = run(config_from_args(args), force_new=args.force_new)
     print(summary(report))
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from refed_ray.errors import UserError
-    from refed_ray.estimate import describe, plan_run
+    from refed_ray.watch.estimate import describe, plan_run
 
     if args.model_params is not None and not args.model_params > 0:
         raise UserError(f"--model-params must be a positive number of parameters, e.g. 8e9 (got {args.model_params:g})")
@@ -192,8 +192,8 @@ def _status(args: argparse.Namespace) -> int:
 
     from refed_ray.config import load_config
     from refed_ray.errors import UserError
-    from refed_ray.status import describe, read_status
     from refed_ray.storage import Storage
+    from refed_ray.watch.status import describe, read_status
 
     if args.watch is not None and not args.watch > 0:
         raise UserError(f"--watch takes a positive number of seconds (got {args.watch:g})")
@@ -219,7 +219,7 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from refed_ray.config import load_config
-    from refed_ray.export import export
+    from refed_ray.data.export import export
 
     storage_options = load_config(args.config, {}).storage_options if args.config else None
     target, count = export(args.output, args.format, args.to, storage_options, selection=args.selection)
@@ -229,7 +229,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _select(args: argparse.Namespace) -> int:
     from refed_ray.config import load_config
-    from refed_ray.select import describe, select
+    from refed_ray.experiments.select import describe, select
 
     storage_options = load_config(args.config, {}).storage_options if args.config else None
     summary = select(args.output, args.method, args.size, args.threshold, args.seed, args.judge_config, storage_options)
@@ -242,14 +242,14 @@ def _select(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from refed_ray.config import load_config
-    from refed_ray.views import refresh
+    from refed_ray.reports.views import refresh
 
     print(refresh(args.output, load_config(args.config, {}).storage_options if args.config else None, args.samples))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from refed_ray.compare import compare, summary
+    from refed_ray.experiments.compare import compare, summary
 
     result = compare(args.output_a, args.output_b, args.judge_config, args.output, args.force_new)
     print(json.dumps(result, indent=2) if args.json else summary(result))

@@ -68,7 +68,7 @@ def pairs(count: int, prefix: str = "task") -> list[dict]:
 
 def committed_tables(storage, folder: str):
     """The committed tables of ``folder`` ("data", "rejects", "feedback"), as a reader sees them."""
-    from refed_ray.commits import CommitLog
+    from refed_ray.records.commits import CommitLog
 
     for name in CommitLog(storage).files(folder):
         yield storage.read_table(name)

@@ -44,8 +44,8 @@ import random
 import sys
 import time
 
-from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavailable, RequestRejected
+from refed_ray.engines.config import EngineConfig
 
 
 class FakeEngine(Engine):

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import re
 
-from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine
+from refed_ray.engines.config import EngineConfig
 from tests.fake_engine import FakeEngine
 
 MARK = "GOOD"

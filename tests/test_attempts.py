@@ -7,12 +7,12 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from refed_ray.commits import CommitLog, commit_shard, find_commit, shard_name, start_attempt
-from refed_ray.dataset import dataset_files
+from refed_ray.data.dataset import dataset_files
 from refed_ray.errors import RunStopped, UserError
-from refed_ray.output import KNOWN, RUN_FILE, check_output, start_output
-from refed_ray.pipeline import run
-from refed_ray.stats import ShardStats
+from refed_ray.records.commits import CommitLog, commit_shard, find_commit, shard_name, start_attempt
+from refed_ray.records.stats import ShardStats
+from refed_ray.run.output import KNOWN, RUN_FILE, check_output, start_output
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
 from tests.test_faults import planned_samples, unit_samples

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from refed_ray.card import size_category
 from refed_ray.config import RunConfig
-from refed_ray.dataset import read_manifest
-from refed_ray.export import export
-from refed_ray.pipeline import run
+from refed_ray.data.card import size_category
+from refed_ray.data.dataset import read_manifest
+from refed_ray.data.export import export
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, committed_tables, pairs, write_jsonl
 

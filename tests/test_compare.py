@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from refed_ray.compare import compare
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
-from refed_ray.pipeline import run
+from refed_ray.experiments.compare import compare
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import pairs, run_cli, write_jsonl
 from tests.fake_judge import MARK

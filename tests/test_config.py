@@ -86,13 +86,13 @@ def test_null_sections_and_non_utf8_files(tmp_path):
 
 
 def test_an_engine_its_actor_cannot_fill_is_warned_about(caplog):
-    from refed_ray.workers import _warn_if_underfilled
+    from refed_ray.run.workers import _warn_if_underfilled
 
     config = RunConfig.model_validate({"instructions_per_aspect": 4, "workers": {"units_per_shard": 8, "shards_in_flight": 2}})
-    with caplog.at_level("WARNING", logger="refed_ray.workers"):
+    with caplog.at_level("WARNING", logger="refed_ray.run.workers"):
         _warn_if_underfilled(config, 64)  # 2 x 8 x 4 = 64 chains: full
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="refed_ray.workers"):
+    with caplog.at_level("WARNING", logger="refed_ray.run.workers"):
         _warn_if_underfilled(config, 256)  # vLLM's default max_num_seqs on GPUs
     assert "can batch 256 requests but its actor holds at most 64 sample chains" in caplog.text
     assert "workers.units_per_shard" in caplog.text

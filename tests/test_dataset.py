@@ -17,11 +17,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from refed_ray import dataset  # noqa: E402
-from refed_ray.commits import CommitLog, commit_shard, shard_name  # noqa: E402
-from refed_ray.dataset import MANIFEST, compact_dataset, dataset_files  # noqa: E402
-from refed_ray.records import Sample, to_table  # noqa: E402
-from refed_ray.stats import ShardStats  # noqa: E402
+from refed_ray.data import dataset  # noqa: E402
+from refed_ray.data.dataset import MANIFEST, compact_dataset, dataset_files  # noqa: E402
+from refed_ray.records.commits import CommitLog, commit_shard, shard_name  # noqa: E402
+from refed_ray.records.models import Sample, to_table  # noqa: E402
+from refed_ray.records.stats import ShardStats  # noqa: E402
 from refed_ray.storage import Storage  # noqa: E402
 from tests.test_object_storage import bucket  # noqa: E402,F401  (the S3 server, and the Ray cluster of this module)
 

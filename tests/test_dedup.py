@@ -10,16 +10,17 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from refed_ray import commits, pipeline
-from refed_ray.commits import CommitLog
 from refed_ray.config import DedupConfig
-from refed_ray.dataset import dataset_files
-from refed_ray.export import export
-from refed_ray.filters import dedup
-from refed_ray.pipeline import run
-from refed_ray.records import Sample, to_table
-from refed_ray.similarity import jaccard, lsh_bands, near_duplicates_within, signatures
-from refed_ray.stats import ShardStats
+from refed_ray.data.dataset import dataset_files
+from refed_ray.data.export import export
+from refed_ray.data.filters import dedup
+from refed_ray.method.similarity import jaccard, lsh_bands, near_duplicates_within, signatures
+from refed_ray.records import commits
+from refed_ray.records.commits import CommitLog
+from refed_ray.records.models import Sample, to_table
+from refed_ray.records.stats import ShardStats
+from refed_ray.run import pipeline
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
 from tests.fake_engine import VOCABULARY

@@ -11,12 +11,13 @@ import pytest
 import ray
 
 from refed_ray import cli
-from refed_ray.config import EngineConfig, RunConfig, load_config
+from refed_ray.config import RunConfig, load_config
 from refed_ray.engines import kinds
-from refed_ray.engines.base import create_engine
+from refed_ray.engines.config import EngineConfig
+from refed_ray.engines.kinds import create_engine
 from refed_ray.errors import UserError
-from refed_ray.passes import engine_map_args as _engine_map_args
-from refed_ray.pipeline import _check_engine, _engine_secrets, _resolve_device
+from refed_ray.run.passes import engine_map_args as _engine_map_args
+from refed_ray.run.pipeline import _check_engine, _engine_secrets, _resolve_device
 from tests.conftest import FAKE_ENGINE, ROOT
 from tests.fake_engine import FakeEngine
 
@@ -143,8 +144,8 @@ def test_a_pass_whose_engines_reserve_a_gpu_builds_its_ray_dataset(engine, local
     """Ray 2.60's public map_batches refuses num_gpus with batch_size=None (one shard a batch):
     every GPU run failed before its first actor. The pass's dataset must build, lazily (no GPU
     here), with one whole shard a batch and the GPU in its actors' options."""
-    from refed_ray.passes import engine_dataset
-    from refed_ray.workers import SynthesisWorker
+    from refed_ray.run.passes import engine_dataset
+    from refed_ray.run.workers import SynthesisWorker
 
     config = RunConfig(engine=engine)
     blocks = [pyarrow.table({"shard": ["s-0"], "unit_id": ["u-0"]})]

@@ -6,11 +6,11 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from refed_ray.commits import CommitLog, commit_shard
+from refed_ray.data.export import export
 from refed_ray.errors import RunStopped, UserError
-from refed_ray.export import export
-from refed_ray.pipeline import run
-from refed_ray.stats import ShardStats
+from refed_ray.records.commits import CommitLog, commit_shard
+from refed_ray.records.stats import ShardStats
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, write_jsonl
 from tests.test_pipeline import make_config, rows
@@ -93,7 +93,7 @@ def test_resume_with_another_model_is_refused_naming_it(tmp_path):
 
 
 def test_resume_with_changed_prompts_is_refused(tmp_path, monkeypatch):
-    from refed_ray import prompts
+    from refed_ray.method import prompts
 
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
     run(make_config(tmp_path, seeds, num_samples=6))
@@ -249,8 +249,8 @@ def test_hung_engine_is_restarted_and_its_shard_retried(tmp_path):
 def test_local_output_on_a_multi_node_cluster_is_refused(tmp_path, monkeypatch):
     import ray
 
-    from refed_ray.output import refuse_local_output_on_cluster
-    from refed_ray.workers import _check_output_visible
+    from refed_ray.run.output import refuse_local_output_on_cluster
+    from refed_ray.run.workers import _check_output_visible
 
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])

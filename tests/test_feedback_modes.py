@@ -1,4 +1,4 @@
-"""Feedback modes (config feedback.mode, refed_ray/refiners.py): reference (the method), sample (the
+"""Feedback modes (config feedback.mode, refed_ray/method/refiners.py): reference (the method), sample (the
 paper's sample-level baseline) and none (no refinement), each with its exact calls."""
 
 import asyncio
@@ -8,12 +8,12 @@ import pytest
 
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
-from refed_ray.estimate import plan_run
-from refed_ray.pipeline import run
-from refed_ray.plan import make_unit
-from refed_ray.records import Feedback, Sample
+from refed_ray.method.synthesis import synthesize_unit
+from refed_ray.records.models import Feedback, Sample
+from refed_ray.records.plan import make_unit
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
-from refed_ray.synthesis import synthesize_unit
+from refed_ray.watch.estimate import plan_run
 from tests.conftest import FAKE_ENGINE, committed_tables, pairs, write_jsonl
 from tests.fake_engine import FakeEngine
 
@@ -89,7 +89,7 @@ def test_each_mode_makes_exactly_its_calls_end_to_end(tmp_path, mode):
 
 
 def test_a_resume_of_an_output_from_before_the_modes_counts_it_as_mode_reference():
-    from refed_ray.output import check_resume
+    from refed_ray.run.output import check_resume
 
     config = RunConfig()
     before_modes = {k: v for k, v in config.fingerprint("p", "r").items() if k not in ("feedback_mode", "instructions_from")}
@@ -162,8 +162,8 @@ def test_a_failed_sample_feedback_rejects_the_sample_at_that_stage_before_any_re
 
 
 def test_each_mode_fingerprints_only_its_own_prompts(monkeypatch):
-    from refed_ray import prompts
-    from refed_ray.refiners import refiner_for
+    from refed_ray.method import prompts
+    from refed_ray.method.refiners import refiner_for
 
     assert "refinement_sample" in refiner_for("sample").prompts and "refinement" not in refiner_for("sample").prompts
     before = {mode: prompts.prompts_digest(refiner_for(mode).prompts) for mode in ("reference", "sample", "none")}
@@ -177,7 +177,7 @@ def test_each_mode_fingerprints_only_its_own_prompts(monkeypatch):
 
 
 def test_the_sample_refinement_prompt_follows_the_prompt_rules():
-    from refed_ray import prompts
+    from refed_ray.method import prompts
 
     (message,) = prompts.render("refinement_sample", instruction="NEW", response="ANSWER", response_feedback="FB")
     content = message["content"]

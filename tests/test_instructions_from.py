@@ -7,9 +7,9 @@ import pytest
 
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
-from refed_ray.instructions_from import LOST_IN_A
-from refed_ray.pipeline import preflight, run
-from refed_ray.plan import read_plan
+from refed_ray.records.plan import read_plan
+from refed_ray.run.instructions_from import LOST_IN_A
+from refed_ray.run.pipeline import preflight, run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, committed_tables, pairs, run_cli, write_jsonl
 
@@ -95,9 +95,9 @@ def test_the_cli_refuses_an_earlier_run_that_is_missing_or_unfinished(tmp_path):
     assert done.returncode == 2 and f"--instructions-from {tmp_path}/nowhere holds no refed-ray run" in done.stderr
 
     # An A whose plan is written but none of whose shards committed (stopped before synthesis).
-    from refed_ray.output import run_fingerprint, start_output
-    from refed_ray.plan import write_plan
-    from refed_ray.seeds import read_seeds
+    from refed_ray.data.seeds import read_seeds
+    from refed_ray.records.plan import write_plan
+    from refed_ray.run.output import run_fingerprint, start_output
 
     a = config_for(tmp_path, "a", seeds)
     storage = Storage(a.output)
@@ -110,7 +110,7 @@ def test_the_cli_refuses_an_earlier_run_that_is_missing_or_unfinished(tmp_path):
 def test_a_short_run_reusing_instructions_names_its_source_not_a_top_up_budget(tmp_path):
     """A run with instructions_from makes no top-up round: its shortfall advice must not be to
     raise max_extra_units, which cannot help it."""
-    from refed_ray.pipeline import _shortfall
+    from refed_ray.run.pipeline import _shortfall
 
     config = RunConfig(num_samples=8, instructions_per_aspect=4, instructions_from=str(tmp_path / "a"))
     report = {"delivered": 7, "rejected_samples": 1, "samples": 7, "plan": {"planned_samples": 8},

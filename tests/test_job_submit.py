@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refed_ray.commits import CommitLog
+from refed_ray.records.commits import CommitLog
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, free_port, pairs, write_jsonl
 

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from refed_ray import prompts
-from refed_ray.compare import win_rate
-from refed_ray.config import EngineConfig
-from refed_ray.judge import JudgeSampling, judge_pair, winner_of
+from refed_ray.engines.config import EngineConfig
+from refed_ray.experiments.compare import win_rate
+from refed_ray.method import prompts
+from refed_ray.method.judge import JudgeSampling, judge_pair, winner_of
 from tests.fake_judge import FakeJudge
 
 

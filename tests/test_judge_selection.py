@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from refed_ray.config import RunConfig
-from refed_ray.filters.judge import SelectionContext, judge_improvements
-from refed_ray.pipeline import run
+from refed_ray.experiments.selections.judge import SelectionContext, judge_improvements
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import pairs, write_jsonl
 from tests.fake_judge import MARK
@@ -88,8 +88,9 @@ def test_a_judge_with_a_position_bias_keeps_nothing(marked_run, tmp_path):
 def test_select_judge_writes_a_selection_with_its_judge_calls_counted_and_resumes(marked_run, tmp_path):
     """``refed-ray select --method judge`` end to end: the selection folder holds the kept rows with
     their reasons, _selection.json counts the judge's calls, and the same command again reuses it."""
-    from refed_ray.export import export
-    from refed_ray.select import read_selection, select
+    from refed_ray.data.export import export
+    from refed_ray.data.selected import read_selection
+    from refed_ray.experiments.select import select
 
     config, samples = marked_run
     rows = samples.to_pylist()

@@ -9,9 +9,9 @@ import pytest
 ray = pytest.importorskip("ray")
 moto_server = pytest.importorskip("moto.server")
 
+from refed_ray.data.export import export  # noqa: E402
 from refed_ray.engines.default_model import fetch_remote_model  # noqa: E402
-from refed_ray.export import export  # noqa: E402
-from refed_ray.pipeline import run  # noqa: E402
+from refed_ray.run.pipeline import run  # noqa: E402
 from refed_ray.storage import Storage  # noqa: E402
 from tests.conftest import free_port, pairs  # noqa: E402
 from tests.test_pipeline import make_config, rows  # noqa: E402

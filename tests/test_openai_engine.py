@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refed_ray.config import EngineConfig
 from refed_ray.engines.base import (
     ChatRequest,
     EngineMisconfigured,
@@ -17,8 +16,9 @@ from refed_ray.engines.base import (
     RequestRejected,
     redact,
 )
+from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.openai_engine import OpenAIEngine, RateLimiter
-from refed_ray.pipeline import run
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import pairs, run_cli, write_jsonl
 from tests.fault_server import FAILURES, FaultServer
@@ -125,7 +125,7 @@ def test_api_outage_longer_than_retries_is_never_a_reject(tmp_path, monkeypatch)
 
 def test_missing_api_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    from refed_ray.config import EngineConfig
+    from refed_ray.engines.config import EngineConfig
     from refed_ray.engines.openai_engine import OpenAIEngine
     from refed_ray.errors import UserError
 

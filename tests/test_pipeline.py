@@ -5,11 +5,11 @@ import json
 import pytest
 
 from refed_ray.config import RunConfig
+from refed_ray.data.export import export
 from refed_ray.errors import UserError
-from refed_ray.export import export
-from refed_ray.pipeline import run
-from refed_ray.plan import read_plan
-from refed_ray.records import Feedback, Reject, Sample, WorkUnit
+from refed_ray.records.models import Feedback, Reject, Sample, WorkUnit
+from refed_ray.records.plan import read_plan
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, committed_tables, pairs, write_jsonl
 

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from refed_ray.plan import (
-    iter_units, make_unit, pending_shards, read_plan, references_reached, top_up_units, units_needed, write_plan,
+from refed_ray.records.plan import (
+    iter_units,
+    make_unit,
+    pending_shards,
+    read_plan,
+    references_reached,
+    top_up_units,
+    units_needed,
+    write_plan,
 )
 from refed_ray.storage import Storage
 from tests.conftest import pairs, write_jsonl
@@ -56,7 +63,7 @@ def test_more_samples_extends_the_plan_without_changing_it():
 
 
 def test_plan_is_reproducible_and_only_appended_to(tmp_path, monkeypatch):
-    monkeypatch.setattr("refed_ray.plan.ROWS_PER_PLAN_FILE", 7)
+    monkeypatch.setattr("refed_ray.records.plan.ROWS_PER_PLAN_FILE", 7)
     storage = Storage(str(tmp_path / "out"))
     first = write_plan(storage, REFS, 100, 4, 3, units_per_shard=3)
     rows = read_plan(storage).to_pylist()
@@ -93,7 +100,7 @@ def test_a_write_killed_mid_part_leaves_a_staging_file_no_reader_takes(tmp_path,
 
 @pytest.mark.usefixtures("local_ray")
 def test_a_resume_completes_after_a_run_killed_writing_its_plan(tmp_path, monkeypatch):
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
     from tests.test_pipeline import make_config
 
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(4))

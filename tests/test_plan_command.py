@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from refed_ray.config import RunConfig, load_config
-from refed_ray.estimate import plan_run
-from refed_ray.pipeline import run
-from refed_ray.sizing import gpu_estimate, model_shape
+from refed_ray.run.pipeline import run
+from refed_ray.watch.estimate import plan_run
+from refed_ray.watch.sizing import gpu_estimate, model_shape
 from tests.conftest import FAKE_ENGINE, ROOT, pairs, run_cli, write_jsonl
 from tests.test_cli_errors import assert_user_error
 

@@ -4,14 +4,15 @@ import shutil
 
 import pytest
 
-from refed_ray import prompts
 from refed_ray.config import RunConfig
-from refed_ray.feedback import collect_feedback
-from refed_ray.instructions import facet_choice, instruction_messages, synthesize_instructions
-from refed_ray.plan import make_unit
-from refed_ray.records import Feedback, Reference
-from refed_ray.refinement import refine_response
-from refed_ray.responses import synthesize_response
+from refed_ray.method import prompts
+from refed_ray.method.feedback import collect_feedback
+from refed_ray.method.instructions import facet_choice, instruction_messages, synthesize_instructions
+from refed_ray.method.refinement import refine_response
+from refed_ray.method.refiners import refiner_for
+from refed_ray.method.responses import synthesize_response
+from refed_ray.records.models import Feedback, Reference
+from refed_ray.records.plan import make_unit
 from tests.conftest import FAKE_ENGINE
 from tests.fake_engine import FakeEngine
 
@@ -113,7 +114,7 @@ def engine_and_config(**overrides):
 def test_each_step_sends_what_the_method_needs():
     engine, config = engine_and_config()
     reference = Reference(reference_id="ref", instruction="REF-INSTR", response="REF-RESP", source="s:1")
-    asyncio.run(collect_feedback(engine, reference, config))
+    asyncio.run(collect_feedback(engine, reference, config, refiner_for(config.feedback.mode).reference_feedback))
     assert len(engine.prompts) == 2 and all("REF-INSTR" in p and "REF-RESP" in p for p in engine.prompts)
 
     engine.prompts.clear()

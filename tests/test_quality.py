@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from refed_ray import quality
+from refed_ray.data import quality
 from refed_ray.storage import Storage
 
 

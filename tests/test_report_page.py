@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 from importlib.resources import files as files_of
 from pathlib import Path
-from collections import Counter
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from refed_ray import page
-from refed_ray.commits import Commit
 from refed_ray.config import RunConfig
-from refed_ray.dataset import MANIFEST, read_manifest
-from refed_ray.pipeline import run
-from refed_ray.records import Sample, arrow_schema
+from refed_ray.data.dataset import MANIFEST, read_manifest
+from refed_ray.records.commits import Commit
+from refed_ray.records.models import Sample, arrow_schema
+from refed_ray.reports import page
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.browser import open_page, screenshot
 from tests.conftest import FAKE_ENGINE, pairs, run_cli, write_jsonl
@@ -209,7 +209,7 @@ def test_report_command_writes_the_page_and_card_and_shows_samples(finished, tmp
 
 
 def test_a_page_that_cannot_be_written_does_not_fail_the_finished_run(tmp_path, caplog, monkeypatch):
-    from refed_ray import views
+    from refed_ray.reports import views
 
     def full_disk(storage, report):
         raise OSError("No space left on device")

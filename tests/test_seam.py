@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from refed_ray import commits, kept
-from refed_ray.commits import CommitLog
 from refed_ray.config import RunConfig
-from refed_ray.filters.base import Filter
-from refed_ray.passes import FEEDBACK, SEEDS, SYNTHESIS, commit_on_driver
-from refed_ray.records import Reject, to_table
-from refed_ray.report import reasons_by_count
-from refed_ray.stages import CALLING_STAGES, PassName, Stage
-from refed_ray.stats import ShardStats, StageStats, first_calls
+from refed_ray.data import kept
+from refed_ray.data.filters.base import Filter
+from refed_ray.records import commits
+from refed_ray.records.commits import CommitLog, commit_on_driver
+from refed_ray.records.models import Reject, to_table
+from refed_ray.records.stages import CALLING_STAGES, PassName, Stage
+from refed_ray.records.stats import ShardStats, StageStats, first_calls
+from refed_ray.reports.report import reasons_by_count
+from refed_ray.run.passes import FEEDBACK, SEEDS, SYNTHESIS
 from refed_ray.storage import Storage
 
 

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from refed_ray.data.seeds import read_seeds
 from refed_ray.errors import UserError
-from refed_ray.records import Reject, to_table
-from refed_ray.seeds import read_seeds
+from refed_ray.records.models import Reject, to_table
 from tests.conftest import pairs, write_jsonl
 
 

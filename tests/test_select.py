@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from refed_ray import select as select_module
+from refed_ray.experiments import select as select_module
 from refed_ray.config import RunConfig
+from refed_ray.data.selected import read_selection
 from refed_ray.errors import UserError
-from refed_ray.filters.random_subset import random_subset
-from refed_ray.filters.rougel import greedy_selection, lcs_length, rougel_diversity, tokens
-from refed_ray.select import Method, SelectionContext, read_selection, select
+from refed_ray.experiments.select import Method, SelectionContext, select
+from refed_ray.experiments.selections.random_subset import random_subset
+from refed_ray.experiments.selections.rougel import greedy_selection, lcs_length, rougel_diversity, tokens
 from refed_ray.storage import Storage
 from tests.conftest import FAKE_ENGINE, pairs, run_cli, write_jsonl
 
@@ -158,7 +159,7 @@ def test_a_threshold_is_refused_where_it_does_not_apply(tmp_path):
 def output(tmp_path_factory, local_ray):
     """A fake-teacher run of 24 samples whose instructions repeat across rounds (near-duplicates
     ROUGE-L drops), dedup off so that they reach the dataset."""
-    from refed_ray.pipeline import run
+    from refed_ray.run.pipeline import run
 
     folder = tmp_path_factory.mktemp("select")
     seeds = write_jsonl(folder / "seeds.jsonl", pairs(2))
@@ -233,7 +234,7 @@ def test_a_short_selection_exits_4_and_exports_what_qualified(output, tmp_path):
     done = run_cli("select", output, "--method", "random", "--size", "100", timeout=300)
     assert done.returncode == 4, done.stderr
     assert "24 of the 100 samples asked for qualified" in done.stderr
-    from refed_ray.export import export
+    from refed_ray.data.export import export
 
     target, count = export(output, "jsonl", selection="random-100")
     assert count == 24 and target.endswith("export/random-100/jsonl.jsonl")

@@ -16,12 +16,13 @@ import time
 import pyarrow as pa
 import pytest
 
-from refed_ray import pipeline
-from refed_ray.commits import INDEX_SCHEMA, PASSES, Commit, CommitLog
-from refed_ray.plan import read_plan
-from refed_ray.stats import ShardStats
-from refed_ray.status import RECENT_S, progress_figures, progress_line, read_status
+from refed_ray.records.commits import INDEX_SCHEMA, PASSES, Commit, CommitLog
+from refed_ray.records.plan import read_plan
+from refed_ray.records.stats import ShardStats
+from refed_ray.run import pipeline
+from refed_ray.run.progress import RECENT_S, progress_figures, progress_line
 from refed_ray.storage import Storage
+from refed_ray.watch.status import read_status
 from tests.conftest import count_requests, pairs, run_cli, write_jsonl
 from tests.test_object_storage import bucket  # noqa: F401  (the moto S3 server and a Ray cluster)
 from tests.test_pipeline import make_config
@@ -33,7 +34,7 @@ HELD = "held"
 def test_status_while_a_run_writes_to_s3_and_after(bucket, tmp_path, monkeypatch, caplog):  # noqa: F811
     monkeypatch.setattr(pipeline, "INDEX_EVERY_SHARDS", INDEX_EVERY)
     monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.2)
-    caplog.set_level(logging.INFO, logger="refed_ray.status")
+    caplog.set_level(logging.INFO, logger="refed_ray.watch.status")
     seeds = pairs(39) + [{"id": HELD, "instruction": "HOLD: explain the held topic.", "response": "An answer."}]
     release = tmp_path / "release"
     engine = {"kind": "custom", "class_path": "tests.fake_engine:FakeEngine", "model": "fake-teacher",

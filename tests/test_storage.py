@@ -5,8 +5,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from refed_ray.commits import CommitLog, commit_shard, find_commit, shard_name
-from refed_ray.stats import ShardStats
+from refed_ray.records.commits import CommitLog, commit_shard, find_commit, shard_name
+from refed_ray.records.stats import ShardStats
 from refed_ray.storage import Storage
 
 

@@ -7,14 +7,14 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from refed_ray import records
 from refed_ray.config import RunConfig, SamplingConfig, load_config
 from refed_ray.engines.base import ChatRequest, Completion, Engine
 from refed_ray.errors import UserError
-from refed_ray.pipeline import run
-from refed_ray.records import Reject, Sample, refinement_model, response_model, string_at_bound
+from refed_ray.method.structured import ask
+from refed_ray.records import models as records
+from refed_ray.records.models import Reject, Sample, refinement_model, response_model, string_at_bound
+from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
-from refed_ray.structured import ask
 from tests.conftest import ROOT, committed_tables, pairs, write_jsonl
 
 

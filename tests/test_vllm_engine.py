@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from refed_ray.commits import CommitLog
-from refed_ray.records import Feedback, RefedRow, Reject, Sample
+from refed_ray.records.commits import CommitLog
+from refed_ray.records.models import Feedback, RefedRow, Reject, Sample
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, run_cli, write_jsonl
 from tests.test_cli_exit import assert_quiet_log
@@ -88,7 +88,7 @@ def test_real_engine_runs_the_whole_method(tmp_path):
 
 def test_real_engine_runs_feedback_mode_sample_through_all_its_steps(tmp_path):
     """The paper's sample-level baseline: instruction feedback per reference, then each response its
-    own feedback call and a refinement with it (refed_ray/sample_feedback.py)."""
+    own feedback call and a refinement with it (refed_ray/method/sample_feedback.py)."""
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [
         {"instruction": "Give two tips for a good night's sleep.",
          "response": "1. Go to bed at the same time every night.\n2. Keep screens out of the bedroom."},

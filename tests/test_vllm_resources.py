@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from refed_ray.config import EngineConfig
+from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.vllm_engine import (
     actor_resources,
     cpu_has_native_bf16,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from refed_ray.engines.default_model import prepare_default_model
-from refed_ray.records import RefedRow, Sample
+from refed_ray.records.models import RefedRow, Sample
 from refed_ray.storage import Storage
 from tests.conftest import ROOT, committed_tables, free_port, write_jsonl
 from tests.test_vllm_engine import TINY_RUN, assert_delivered_or_short

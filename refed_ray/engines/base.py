@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
-
-from refed_ray.config import EngineConfig
-from refed_ray.engines.kinds import engine_kind
-from refed_ray.errors import UserError
 
 
 class ChatRequest(BaseModel):
@@ -87,22 +82,6 @@ class Engine(ABC):
     def metrics(self) -> dict[str, int]:
         """Cumulative engine counters worth reporting (e.g. prefix-cache queries and hits)."""
         return {}
-
-
-def create_engine(config: EngineConfig, rate_limiter=None) -> Engine:
-    """The engine ``config`` names, built by its kind (engines/kinds.py); ``rate_limiter`` is the
-    run's shared limiter (API engines)."""
-    return engine_kind(config.kind).build(config, rate_limiter)
-
-
-def load_class(class_path: str | None) -> type[Engine]:
-    if not class_path or ":" not in class_path:
-        raise UserError(f"engine.class_path must look like 'module:Class', got {class_path!r}")
-    module_name, _, class_name = class_path.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"engine.class_path {class_path!r} cannot be imported: {err}") from None
 
 
 # What a credential looks like inside text an API sends back: an Authorization or api-key header

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from refed_ray.errors import UserError
 
 if TYPE_CHECKING:
-    from refed_ray.config import EngineConfig
     from refed_ray.engines.base import Engine
+    from refed_ray.engines.config import EngineConfig
 
 
 def no_problem(config: EngineConfig) -> str | None:
@@ -146,27 +146,33 @@ def _from(module: str, name: str) -> Callable:
     return call
 
 
+def create_engine(config: EngineConfig, rate_limiter: Any = None) -> Engine:
+    """The engine ``config`` names, built by its kind (engines/kinds.py); ``rate_limiter`` is the
+    run's shared limiter (API engines)."""
+    return engine_kind(config.kind).build(config, rate_limiter)
+
+
+def load_class(class_path: str | None) -> type[Engine]:
+    if not class_path or ":" not in class_path:
+        raise UserError(f"engine.class_path must look like 'module:Class', got {class_path!r}")
+    module_name, _, class_name = class_path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"engine.class_path {class_path!r} cannot be imported: {err}") from None
+
+
 # ---- the built-in kinds ----------------------------------------------------------------------
 
 VLLM_MODULE = "refed_ray.engines.vllm_engine"
 OPENAI_MODULE = "refed_ray.engines.openai_engine"
 
 
-def _build_vllm(config: EngineConfig, rate_limiter: Any = None) -> Engine:
-    from refed_ray.engines.vllm_engine import VLLMEngine
-
-    return VLLMEngine(config)
-
-
 def _build_custom(config: EngineConfig, rate_limiter: Any = None) -> Engine:
-    from refed_ray.engines.base import load_class
-
     return load_class(config.class_path)(config)
 
 
 def _check_custom(config: EngineConfig) -> None:
-    from refed_ray.engines.base import load_class
-
     load_class(config.class_path)
 
 
@@ -184,7 +190,7 @@ def _custom_needs_class(config: EngineConfig) -> str | None:
 
 register(EngineKind(
     name="vllm",
-    build=_build_vllm,
+    build=_from(VLLM_MODULE, "build"),
     check=_from(VLLM_MODULE, "check_model_folder"),
     actor_resources=_from(VLLM_MODULE, "actor_options"),
     resolve_device=_from(VLLM_MODULE, "resolve_device"),

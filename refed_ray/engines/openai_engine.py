@@ -36,7 +36,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from refed_ray.config import EngineConfig
 from refed_ray.engines.base import (
     ChatRequest,
     Completion,
@@ -46,6 +45,7 @@ from refed_ray.engines.base import (
     RequestRejected,
     redact,
 )
+from refed_ray.engines.config import EngineConfig
 from refed_ray.errors import UserError
 
 JSON_MODE_INSTRUCTION = "Reply with one JSON object that follows this JSON schema: "

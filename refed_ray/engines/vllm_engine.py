@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from refed_ray.config import EngineConfig
 from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineDead, RequestRejected
+from refed_ray.engines.config import EngineConfig
 from refed_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,11 @@ class VLLMEngine(Engine):
 
     async def _shutdown_here(self) -> None:
         self._engine.shutdown(timeout=_ENGINE_EXIT_S)
+
+
+def build(config: EngineConfig, rate_limiter: Any = None) -> VLLMEngine:
+    """The kind's ``build`` hook (engines/kinds.py): an in-process engine needs no rate limiter."""
+    return VLLMEngine(config)
 
 
 def _running_in(loop: asyncio.AbstractEventLoop) -> bool:

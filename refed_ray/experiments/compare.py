@@ -1,0 +1,209 @@
+"""``refed-ray compare OUTPUT_A OUTPUT_B``: two runs' delivered datasets side by side, and a
+pairwise judge of A's final responses against B's.
+
+Samples pair by (unit_id, sample_index): with ``run --instructions-from OUTPUT_A`` the two runs
+share their instructions unit by unit, so a pair differs only in how its response was refined. A
+pair whose two instructions differ (runs made apart) is counted, and not judged: a verdict on two
+answers to two questions says nothing.
+
+What it writes, ``DIR/compare.json`` (default ``OUTPUT_A/compare/<name of B>/``): the pairs, each
+run's feedback calls, calls and tokens per sample by stage, cost, lengths and diversity (from its
+report.json and the paired rows), and the judge's result: wins, ties, A's win rate (a tie counts
+half) with a 95% confidence interval. The judge's calls are a pass of their own under DIR
+(``judge_pass.py``): a second compare of the same runs judges nothing again.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from refed_ray.data.dataset import dataset_files, read_manifest
+from refed_ray.data.quality import token_lengths
+from refed_ray.errors import UserError
+from refed_ray.experiments.judge_pass import (
+    JudgeConfig,
+    judge_counts,
+    judge_of_run,
+    pair_id,
+    read_verdicts,
+    run_judge_pass,
+)
+from refed_ray.method.judge import STAGE
+from refed_ray.records.stages import CALLING_STAGES
+from refed_ray.storage import Storage
+
+RESULT = "compare.json"
+ROW_COLUMNS = ["unit_id", "sample_index", "instruction", "improved_response"]
+Z_95 = 1.959964
+
+
+def compare(output_a: str, output_b: str, judge_config: str | None = None, output: str | None = None,
+            force_new: bool = False) -> dict[str, Any]:
+    run_a = Storage(output_a)
+    judge = judge_of_run(run_a, judge_config)
+    run_a, run_b = Storage(output_a, judge.storage_options), Storage(output_b, judge.storage_options)
+    reports = {"a": _read_report(run_a), "b": _read_report(run_b)}
+    pairs, unmatched = paired_rows(run_a, run_b)
+    root = Storage(output or default_output(run_a, run_b), judge.storage_options)
+    judged = {"a": _dataset_identity(run_a), "b": _dataset_identity(run_b)}
+    committed = run_judge_pass(root, pairs, judge, judged, force_new=force_new)
+
+    result = {
+        "a": run_a.uri,
+        "b": run_b.uri,
+        "output": root.uri,
+        "pairs": pairs.num_rows,
+        "unpaired": unmatched,
+        "runs": {side: run_figures(reports[side]) for side in ("a", "b")},
+        "response_lengths": {
+            "a": length_figures(pairs.column("response_x").to_pylist()),
+            "b": length_figures(pairs.column("response_y").to_pylist()),
+        },
+        "judge": judge_result(root, committed, judge, set(pairs.column("pair_id").to_pylist())),
+    }
+    root.write_json(RESULT, result)
+    return result
+
+
+def default_output(run_a: Storage, run_b: Storage) -> str:
+    return f"{run_a.uri}/compare/{posixpath.basename(run_b.uri)}"
+
+
+def _read_report(run: Storage) -> dict[str, Any]:
+    if not run.exists("report.json") or read_manifest(run) is None:
+        raise UserError(f"{run.uri} holds no finished run (report.json and dataset/): run it to the end first")
+    return run.read_json("report.json")
+
+
+def _dataset_identity(run: Storage) -> dict[str, str]:
+    """What the pairs were read from: the run (its id) and its dataset generation (its digest)."""
+    run_json = run.read_json("run.json")
+    return {"output": run.uri, "run_id": run_json.get("run_id", ""), "dataset": read_manifest(run)["digest"]}
+
+
+def read_delivered(run: Storage, columns: list[str]) -> pa.Table:
+    """The delivered dataset's ``columns``, in dataset order."""
+    tables = [run.read_table(name, columns=columns) for name in dataset_files(run)]
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def paired_rows(run_a: Storage, run_b: Storage) -> tuple[pa.Table, dict[str, int]]:
+    """The judge's pairs (``judge_pass.PAIR_COLUMNS``, X = A's final response, Y = B's), in A's
+    dataset order, and what could not be paired: samples of one run only, and pairs whose
+    instructions differ."""
+    a = read_delivered(run_a, ROW_COLUMNS)
+    a = a.append_column("order", pa.array(np.arange(a.num_rows), pa.int64()))
+    b = read_delivered(run_b, ROW_COLUMNS)
+    b = b.rename_columns(["unit_id", "sample_index", "instruction_b", "response_y"])
+    joined = a.join(b, keys=["unit_id", "sample_index"], join_type="inner").sort_by("order")
+    same = pc.equal(joined["instruction"], joined["instruction_b"])
+    pairs = joined.filter(same)
+    ids = [pair_id(u, i) for u, i in zip(pairs["unit_id"].to_pylist(), pairs["sample_index"].to_pylist())]
+    pairs = pa.table({
+        "pair_id": pa.array(ids, pa.string()), "unit_id": pairs["unit_id"], "sample_index": pairs["sample_index"],
+        "instruction": pairs["instruction"], "response_x": pairs["improved_response"], "response_y": pairs["response_y"],
+    })
+    unmatched = {"only_a": a.num_rows - joined.num_rows, "only_b": b.num_rows - joined.num_rows,
+                 "different_instruction": joined.num_rows - pairs.num_rows}
+    return pairs, unmatched
+
+
+def run_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """One run's cost in calls and tokens, per accepted sample and by stage, from its report.json."""
+    samples = max(1, report["samples"])
+    order = [str(stage) for stage in CALLING_STAGES]  # the order a sample meets them
+    stages = {name: report["stages"][name] for name in order if report["stages"].get(name, {}).get("calls")}
+    quality = report.get("quality") or {}
+    return {
+        "model": report["model"],
+        "delivered": report["delivered"],
+        "samples": report["samples"],
+        "feedback_calls": report["feedback_calls"],
+        "calls": sum(s["calls"] for s in stages.values()),
+        "per_sample": {
+            name: {key: round(s[key] / samples, 3) for key in ("calls", "prompt_tokens", "completion_tokens")}
+            for name, s in stages.items()
+        },
+        "calls_per_sample": round(sum(s["calls"] for s in stages.values()) / samples, 3),
+        "cost": report["cost"],
+        "diversity": {key: quality.get(key) for key in
+                      ("distinct_1", "distinct_2", "mean_pairwise_similarity", "improved_differs")},
+        "length_tokens": quality.get("length_tokens"),
+    }
+
+
+def length_figures(texts: list[str]) -> dict[str, float]:
+    """Lengths in quality.py's tokens (words and punctuation marks)."""
+    lengths = token_lengths(texts) or [0]
+    p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
+    return {"mean": round(float(np.mean(lengths)), 1), "p10": round(float(p10), 1), "p50": round(float(p50), 1),
+            "p90": round(float(p90), 1)}
+
+
+def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str]) -> dict[str, Any]:
+    verdicts = read_verdicts(root, committed)
+    winners = [w for p, w in zip(verdicts["pair_id"].to_pylist(), verdicts["winner"].to_pylist()) if p in pair_ids]
+    counts = {side: winners.count(side) for side in ("x", "y", "tie")}
+    stats = committed.stats(STAGE)
+    rate, interval = win_rate(counts["x"], counts["y"], counts["tie"])
+    return {
+        "model": judge.model_name(),
+        "judged": len(winners),
+        "a_wins": counts["x"],
+        "b_wins": counts["y"],
+        "ties": counts["tie"],
+        "rejected": sum(stats.reject_reasons.values()),
+        "reject_reasons": stats.reject_reasons,
+        "win_rate_a": rate,
+        "ci95": interval,
+        "ci_method": "normal approximation on per-pair scores (A win 1, tie 0.5, B win 0), clipped to [0, 1]",
+        **judge_counts(root, committed, judge),
+    }
+
+
+def win_rate(wins: int, losses: int, ties: int) -> tuple[float | None, list[float] | None]:
+    """The mean per-pair score (win 1, tie 0.5, loss 0) and its 95% interval by the normal
+    approximation (sample standard deviation), clipped to [0, 1]; None without pairs."""
+    n = wins + losses + ties
+    if n == 0:
+        return None, None
+    mean = (wins + 0.5 * ties) / n
+    if n == 1:
+        return round(mean, 4), [0.0, 1.0]
+    squares = wins * (1 - mean) ** 2 + ties * (0.5 - mean) ** 2 + losses * mean ** 2
+    half = Z_95 * math.sqrt(squares / (n - 1) / n)
+    return round(mean, 4), [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]
+
+
+def summary(result: dict[str, Any]) -> str:
+    judge, runs = result["judge"], result["runs"]
+    lines = [f"refed-ray compare: {result['pairs']} pairs of {result['a']} (A) and {result['b']} (B)"
+             f" -> {result['output']}/{RESULT}"]
+    unpaired = result["unpaired"]
+    if any(unpaired.values()):
+        lines.append(f"  not paired: {unpaired['only_a']} only in A, {unpaired['only_b']} only in B, "
+                     f"{unpaired['different_instruction']} with different instructions (not judged)")
+    for side in ("a", "b"):
+        run = runs[side]
+        cost = f"  cost {run['cost']['total']:.4f}" if run["cost"] else ""
+        by_stage = ", ".join(f"{name} {stage['calls']}" for name, stage in run["per_sample"].items())
+        lines.append(f"  {side.upper()}: {run['delivered']} delivered, {run['feedback_calls']} feedback calls, "
+                     f"{run['calls_per_sample']} calls a sample "
+                     f"({by_stage}){cost}; "
+                     f"final response p50 {result['response_lengths'][side]['p50']:.0f} tokens")
+    if judge["win_rate_a"] is None:
+        lines.append(f"  judge ({judge['model']}): no pair judged ({judge['rejected']} rejected)")
+    else:
+        low, high = judge["ci95"]
+        lines.append(f"  judge ({judge['model']}, both orders): A wins {judge['a_wins']}, B wins {judge['b_wins']}, "
+                     f"ties {judge['ties']}, rejected {judge['rejected']}; win rate A {judge['win_rate_a']:.1%} "
+                     f"(95% CI {low:.1%} to {high:.1%}); {judge['calls']} judge calls")
+    if judge["cost"]:
+        lines.append(f"  judge cost: {judge['cost']['total']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""The commit protocol: when a shard's work counts as done, and what readers may read.
+
+A shard is a fixed set of ids (work units, or references for the feedback pass) decided before
+any work starts (``plan.py``). One attempt at a shard writes:
+
+1. its tables under attempt-unique names: ``data/<shard>.<token>.parquet``, ``rejects/<shard>.<token>.parquet``;
+2. then its marker ``_markers/<pass>/<shard>.<token>.json`` naming exactly those files, the ids and
+   the shard's counters. The marker is the one commit point: one PUT (or one rename).
+
+Readers take, per shard, one commit whose files all exist, preferring the index (below), then the
+marker whose token sorts first. Hence:
+- two attempts never mix: a marker names only its own attempt's files;
+- a retried or zombie attempt (an actor of a stopped run) cannot hide a good commit: it writes
+  its own marker beside it, never over it;
+- a marker whose files are gone (a zombie whose files a rerun's clean-up deleted) is not a
+  commit: its shard is redone;
+- files that no chosen commit names are never read, and the next run deletes them.
+
+The index ``_index/<pass>.parquet`` holds the chosen commits in one object. The driver rewrites it
+as shards commit and deletes the markers it has absorbed, so a run start, the report and export
+read a few objects and a few listings, not one object per shard.
+
+**The run's identity.** ``run.json`` holds a ``run_id``, drawn by the run that created OUTPUT and
+kept by its resumes (``--force-new`` draws a new one). Every commit carries the id of the run it
+worked for, and readers (``CommitLog``, ``find_commit``) take only the current run's: an actor of a
+discarded run that commits late (same seed, K, references and shard size give the same shard
+names) is ignored, and its files are deleted as leftovers. Outputs written before runs had ids
+have none (""), nor do their commits.
+
+**Attempts count engine deaths, not stops.** A shard becomes rejects ("abandoned") once its engine
+died while holding it ``workers.max_shard_attempts`` times in one *submission* (one driver process:
+a CLI call, a ``ray job submit``). Each attempt writes its own record before any work,
+``_attempts/<pass>/<shard>.<submission>.<token>.started``, and ``<...>.stopped`` beside it when it
+ends with its process alive (an outage stop, a cancelled task, a failed write); a committed shard
+is never attempted again. A death (``EngineDead``: the actor exits; an OOM kill, a segfault, a lost
+node) writes nothing more. So a shard's deaths are its records of this submission left without an
+end. Why per submission: Ray restarts a dead actor and retries its shards within the submission,
+so a poison input is still abandoned after ``max_shard_attempts`` deaths; but a driver killed or
+stopped (preemption of the head, ``ray job stop``) takes its actors down with no clean end, and the
+resubmission, a new submission, must not count those. Each record is written once, by its own
+attempt, under its own name: no read-modify-write, so on an object store a retried task and a
+zombie of an earlier one never lose each other's records. ``Commit.attempt`` counts every start of
+the shard's work, of any submission (the report's "redone": after a death, a stop or a driver
+kill); the records of committed shards are deleted at the next run start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from refed_ray.errors import UserError
+from refed_ray.records.stages import RUN_PASSES
+from refed_ray.records.stats import ShardStats
+from refed_ray.storage import Storage
+
+RUN_FILE = "run.json"  # the run that owns OUTPUT (written by output.py)
+DISCARDING = "discarding"  # in run.json while --force-new deletes the run it names
+PASSES = tuple(p.value for p in RUN_PASSES)  # a run's OUTPUT (stages.py); a judge root reads its own
+TABLE_FOLDERS = ("feedback", "data", "rejects")
+INDEX_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("token", pa.string()), ("attempt", pa.int64()), ("ids", pa.list_(pa.string())),
+     ("files", pa.list_(pa.string())), ("stats", pa.string()), ("run_id", pa.string()),
+     ("committed_at", pa.float64())]
+)
+
+
+class Commit(BaseModel):
+    """One committed attempt at a shard."""
+
+    pass_name: str
+    shard: str
+    token: str
+    ids: list[str]
+    files: list[str]
+    stats: ShardStats = Field(default_factory=ShardStats)
+    attempt: int = 1  # > 1: the shard's work started more than once (an actor died, a run stopped)
+    run_id: str = ""  # the run it worked for (run.json); "" for outputs written before runs had ids
+    committed_at: float = 0.0  # epoch seconds on the committing worker; 0: committed before this was recorded
+
+    @property
+    def marker(self) -> str:
+        return f"_markers/{self.pass_name}/{self.shard}.{self.token}.json"
+
+
+def shard_name(pass_name: str, ids: list[str]) -> str:
+    """A shard is named by the ids it covers: the same work always has the same name."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+    return f"{pass_name}-{digest}"
+
+
+def current_run_id(storage: Storage) -> str:
+    """The id of the run that owns OUTPUT: the only run whose commits count."""
+    return run_id_of(storage.uri, storage.read_json(RUN_FILE)) if storage.exists(RUN_FILE) else ""
+
+
+def run_id_of(uri: str, run: dict) -> str:
+    """``run``'s id (run.json's content). A run.json that says a discard is under way belongs to
+    no run any more: nothing of OUTPUT may be read or resumed until ``--force-new`` finishes."""
+    if run.get(DISCARDING):
+        raise UserError(
+            f"{uri}: a --force-new that discards the run there was interrupted: pass --force-new "
+            "again to complete it (or choose another --output)"
+        )
+    return run.get("run_id", "")
+
+
+# ---- writers (workers) ---------------------------------------------------------------------
+
+
+def commit_shard(
+    storage: Storage, pass_name: str, shard: str, ids: list[str], tables: dict[str, pa.Table],
+    stats: ShardStats, attempt: int = 1, run_id: str | None = None,
+) -> Commit:
+    """Write one attempt's tables (``{folder: table}``) under unique names, then its marker.
+    ``run_id``: the run the attempt works for; the driver's own commits (seed rejects, dedup) leave
+    it out and take the run that owns OUTPUT now."""
+    if run_id is None:
+        run_id = current_run_id(storage)
+    token = f"{uuid.uuid4().hex[:12]}"
+    files = []
+    for folder, table in tables.items():
+        if table.num_rows:
+            relative = f"{folder}/{shard}.{token}.parquet"
+            storage.write_table(relative, table)
+            files.append(relative)
+    commit = Commit(pass_name=pass_name, shard=shard, token=token, ids=sorted(ids), files=files,
+                    stats=stats, attempt=attempt, run_id=run_id, committed_at=time.time())
+    storage.write_bytes(commit.marker, commit.model_dump_json().encode())
+    return commit
+
+
+def find_commit(storage: Storage, pass_name: str, shard: str, run_id: str) -> Commit | None:
+    """A valid marker of ``shard``, if an earlier attempt of run ``run_id`` committed it (one LIST)."""
+    names = storage.fs.glob(storage.path(f"_markers/{pass_name}/{shard}.*.json"))
+    for name in sorted(names):
+        commit = Commit.model_validate_json(storage.fs.cat_file(name))
+        if commit.run_id == run_id and all(storage.exists(f) for f in commit.files):
+            return commit
+    return None
+
+
+STARTED, STOPPED = ".started", ".stopped"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a shard, as ``start_attempt`` recorded it."""
+
+    storage: Storage
+    record: str  # _attempts/<pass>/<shard>.<submission>.<token>, without its state
+    number: int  # 1 + the shard's earlier starts, of any submission
+    deaths: int  # engine deaths while holding the shard, in this submission
+
+    def end_cleanly(self) -> None:
+        """The attempt ended and its process lives on: whatever ended it, it was no engine death."""
+        self.storage.write_bytes(self.record + STOPPED, b"")
+
+
+def start_attempt(storage: Storage, pass_name: str, shard: str, submission: str) -> Attempt:
+    """Count the shard's earlier starts and deaths (one LIST), then record this start (one PUT)."""
+    prefix = f"_attempts/{pass_name}/{shard}."
+    names = [posixpath.basename(p) for p in storage.fs.glob(storage.path(prefix + "*"))]
+    states = {STARTED: set(), STOPPED: set()}
+    for name in names:
+        for state, attempts in states.items():
+            if name.endswith(state):  # anything else is a local write killed midway
+                attempts.add(name[len(shard) + 1:-len(state)])  # <submission>.<token>
+    left_without_an_end = states[STARTED] - states[STOPPED]
+    record = f"{prefix}{submission}.{uuid.uuid4().hex[:12]}"
+    storage.write_bytes(record + STARTED, b"")
+    return Attempt(storage, record, number=len(states[STARTED]) + 1,
+                   deaths=sum(1 for a in left_without_an_end if a.startswith(submission + ".")))
+
+
+# ---- readers (driver) ----------------------------------------------------------------------
+
+
+class CommitLog:
+    """The committed shards of every pass, read from the index, the markers and the listings.
+    ``passes``: the passes it reads (a run's, by default; a pass committed under another Storage
+    root, such as a judge pass, names its own)."""
+
+    def __init__(self, storage: Storage, run_id: str | None = None, passes: tuple[str, ...] = PASSES):
+        self.storage = storage
+        self.run_id = current_run_id(storage) if run_id is None else run_id
+        self.present = {
+            name for folder in TABLE_FOLDERS for name in storage.list(folder)
+        }
+        self.commits: dict[str, dict[str, Commit]] = {}
+        self.stray_markers: list[str] = []  # superseded, invalid, half-written or of another run
+        for pass_name in passes:
+            self.commits[pass_name] = self._load(pass_name)
+
+    def _load(self, pass_name: str) -> dict[str, Commit]:
+        chosen: dict[str, Commit] = {}
+        index = f"_index/{pass_name}.parquet"
+        if self.storage.exists(index):
+            for row in self.storage.read_table(index).to_pylist():
+                commit = Commit(pass_name=pass_name, **{**row, "stats": ShardStats.model_validate_json(row["stats"])})
+                if self._valid(commit):
+                    chosen[commit.shard] = commit
+        markers = self.storage.list(f"_markers/{pass_name}")
+        whole = [m for m in markers if m.endswith(".json")]
+        self.stray_markers += [m for m in markers if not m.endswith(".json")]  # a local write killed midway
+        for name, blob in sorted(self.storage.read_many(whole).items()):
+            commit = Commit.model_validate_json(blob)
+            if commit.shard not in chosen and self._valid(commit):
+                chosen[commit.shard] = commit
+            elif chosen.get(commit.shard) is None or chosen[commit.shard].token != commit.token:
+                self.stray_markers.append(name)
+        return chosen
+
+    def _valid(self, commit: Commit) -> bool:
+        return commit.run_id == self.run_id and all(name in self.present for name in commit.files)
+
+    def ids(self, pass_name: str) -> set[str]:
+        return {i for commit in self.commits[pass_name].values() for i in commit.ids}
+
+    def files(self, folder: str) -> list[str]:
+        """The committed files of ``folder`` ("data", "rejects", "feedback"), in a stable order."""
+        prefix = folder + "/"
+        return sorted(f for commits in self.commits.values() for c in commits.values() for f in c.files
+                      if f.startswith(prefix))
+
+    def stats(self, pass_name: str) -> ShardStats:
+        total = ShardStats()
+        for commit in self.commits[pass_name].values():
+            total += commit.stats
+        return total
+
+    def add(self, commit: Commit) -> None:
+        """A commit a worker of this run reported; the first one of a shard wins."""
+        self.commits[commit.pass_name].setdefault(commit.shard, commit)
+
+    def write_index(self, pass_name: str) -> None:
+        """Absorb the pass's markers into its index (one object), then delete them."""
+        commits = sorted(self.commits[pass_name].values(), key=lambda c: c.shard)
+        rows = [{**c.model_dump(include={"shard", "token", "attempt", "ids", "files", "run_id", "committed_at"}),
+                 "stats": c.stats.model_dump_json()} for c in commits]
+        self.storage.write_table(f"_index/{pass_name}.parquet", pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+        absorbed = set(self.storage.list(f"_markers/{pass_name}")) & {c.marker for c in commits}
+        self.storage.delete_many(absorbed)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete what no chosen commit names: files of attempts that never committed, lost or
+        worked for another run, stray markers, and the attempt records of committed shards."""
+        committed = {f for commits in self.commits.values() for c in commits.values() for f in c.files}
+        leftovers = sorted(self.present - committed) + self.stray_markers
+        for pass_name, commits in self.commits.items():
+            records = self.storage.list(f"_attempts/{pass_name}")
+            leftovers += [r for r in records if posixpath.basename(r).split(".")[0] in commits]
+        self.storage.delete_many(leftovers)
+        self.present -= set(leftovers)
+        self.stray_markers = []
+        return leftovers
+
+
+def committed_any(storage: Storage, pass_name: str) -> bool:
+    return storage.exists(f"_index/{pass_name}.parquet") or any(
+        name.endswith(".json") for name in storage.list(f"_markers/{pass_name}")
+    )
+
+
+# ---- driver-side commits -------------------------------------------------------------------
+
+
+def commit_on_driver(storage: Storage, committed: CommitLog, pass_name: str, shard: str, ids: list[str],
+                     tables: dict[str, pa.Table], index: bool = True) -> Commit:
+    """Commit a shard the driver computed itself (seed rejects, a filter's drops), for the run
+    that owns OUTPUT. ``index``: absorb it into the pass's index now (a filter leaves that to
+    ``retract``, which rewrites the index without the commits it supersedes)."""
+    commit = commit_shard(storage, pass_name, shard, ids, tables, ShardStats.of(tables, {}))
+    committed.add(commit)
+    if index:
+        committed.write_index(pass_name)
+    return commit
+
+
+def retract(storage: Storage, committed: CommitLog, pass_name: str, stale: list[Commit]) -> None:
+    """Take ``stale`` commits out of the log and the index (first: the index no longer names what
+    is deleted next), then delete their files and their markers not yet absorbed."""
+    for commit in stale:
+        del committed.commits[pass_name][commit.shard]
+    committed.write_index(pass_name)
+    markers = set(storage.list(f"_markers/{pass_name}")) & {c.marker for c in stale}  # absorbed ones are gone
+    storage.delete_many([f for c in stale for f in c.files] + sorted(markers))

@@ -1,0 +1,190 @@
+"""The plan: work units grouped into shards, written before synthesis, only ever appended to.
+
+A unit asks for K new instructions for one (round, reference, aspect); its id and sampling seed
+follow from (run seed, round, reference_id, aspect) alone. Units come in one endless, seeded
+order: round after round, each round visiting the references in a seeded order with both
+aspects of a reference side by side (as the authors run them). The plan is the first
+``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
+units. A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
+planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
+re-forms work that may already be committed.
+
+The plan's files are ``plan/part-NNNNN.parquet``, each written whole; its reader takes those names
+only, never a staging file a killed write left beside them (the writer deletes those).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from refed_ray.records.commits import shard_name
+from refed_ray.records.models import ASPECTS, WorkUnit
+from refed_ray.records.stages import PassName
+from refed_ray.storage import Storage
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("unit_id", pa.string()),
+        ("round", pa.int64()),
+        ("reference_id", pa.string()),
+        ("aspect", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+ROWS_PER_PLAN_FILE = 100_000
+PART = re.compile(r"part-\d{5}\.parquet")
+
+
+@dataclass
+class PlanSummary:
+    units: int
+    shards: int
+    rounds: int
+    references_used: list[str]
+    files: list[str]
+
+
+def make_unit(run_seed: int, round_: int, reference_id: str, aspect: str) -> WorkUnit:
+    digest = _digest(run_seed, round_, reference_id, aspect)
+    return WorkUnit(
+        unit_id=digest[:8].hex(),
+        round=round_,
+        reference_id=reference_id,
+        aspect=aspect,
+        seed=int.from_bytes(digest[8:12], "big") & 0x7FFFFFFF,
+    )
+
+
+def units_needed(num_samples: int, instructions_per_aspect: int) -> int:
+    return math.ceil(num_samples / instructions_per_aspect)
+
+
+def unit_order(reference_ids: list[str], run_seed: int) -> Iterator[WorkUnit]:
+    """Every unit there can be, in plan order: a round at a time, references in a seeded order
+    (so a partial last round is a seeded sample of them), both aspects of a reference together."""
+    for round_ in itertools.count():
+        for ref in sorted(reference_ids, key=lambda ref: _digest(run_seed, round_, ref, "order")):
+            for aspect in ASPECTS:
+                yield make_unit(run_seed, round_, ref, aspect)
+
+
+def iter_units(reference_ids: list[str], num_samples: int, k: int, run_seed: int) -> Iterator[WorkUnit]:
+    """The units of a plan for ``num_samples``."""
+    return itertools.islice(unit_order(reference_ids, run_seed), units_needed(num_samples, k))
+
+
+def top_up_units(short: int, accepted: int, units_done: int, k: int, budget: int) -> int:
+    """Units to add when ``short`` samples are missing, sized by the yield so far (``accepted``
+    samples from ``units_done`` units of K) and bounded by ``budget``.
+
+    Sized for the expected yield alone, a top-up would fall short about half the time, and each
+    further round loads engines again. A margin of two standard deviations of a binomial yield
+    makes a second round rare, for a few samples beyond N (data/ keeps them, dataset/ holds N)."""
+    if short <= 0 or budget <= 0 or accepted == 0:
+        return 0
+    kept = accepted / (units_done * k)
+    margin = 2 * math.sqrt(short * (1 - kept))
+    return min(budget, math.ceil((short + margin) * units_done / accepted))
+
+
+def references_reached(reference_ids: list[str], run_seed: int, units: int) -> set[str]:
+    """The references that the first ``units`` units of the order visit (round 0 visits them all)."""
+    first_round = len(ASPECTS) * len(reference_ids)
+    return {u.reference_id for u in itertools.islice(unit_order(reference_ids, run_seed), min(units, first_round))}
+
+
+def write_plan(
+    storage: Storage, reference_ids: list[str], num_samples: int, k: int, run_seed: int, units_per_shard: int,
+    keep_existing: bool = True, units: int | None = None,
+) -> PlanSummary:
+    """Extend OUTPUT/plan/ to ``num_samples`` (or to ``units`` units, for a top-up): the existing
+    parts stay as they are, the units they lack are appended in new parts of whole shards. Without
+    ``keep_existing`` (nothing committed yet) the plan is written anew."""
+    listed = storage.list("plan")
+    files = [f for f in listed if _is_part(f)] if keep_existing else []
+    storage.delete_many(sorted(set(listed) - set(files)))  # the old plan, or what killed writes left
+    planned = sum(_rows(storage, f) for f in files)
+    wanted = units if units is not None else units_needed(num_samples, k)
+    new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
+    part, rows = len(files), []
+    for shard in _batched(new_units, units_per_shard):
+        name = shard_name(PassName.SYNTHESIS, [u.unit_id for u in shard])
+        rows += [{"shard": name, **u.model_dump()} for u in shard]
+        if len(rows) >= ROWS_PER_PLAN_FILE:
+            files.append(_write_part(storage, part, rows))
+            part, rows = part + 1, []
+    if rows:
+        files.append(_write_part(storage, part, rows))
+    return summarize(storage, files)
+
+
+def summarize(storage: Storage, files: list[str]) -> PlanSummary:
+    table = read_plan(storage, files, columns=["shard", "round", "reference_id"])
+    used = set(pc.unique(table.column("reference_id")).to_pylist())
+    return PlanSummary(
+        units=table.num_rows,
+        shards=len(pc.unique(table.column("shard"))),
+        rounds=(pc.max(table.column("round")).as_py() or 0) + 1 if table.num_rows else 0,
+        references_used=sorted(used),
+        files=files,
+    )
+
+
+def read_plan(storage: Storage, files: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+    files = plan_files(storage) if files is None else files
+    tables = [storage.read_table(f).select(columns or PLAN_SCHEMA.names) for f in files]
+    schema = pa.schema([PLAN_SCHEMA.field(c) for c in (columns or PLAN_SCHEMA.names)])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
+    """The plan's shards not yet committed, one small table each (a copy, not a slice: a slice
+    would carry the whole plan's buffers into every Ray block)."""
+    shards = plan.column("shard").to_numpy(zero_copy_only=False)
+    if not len(shards):
+        return []
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    ends = np.r_[starts[1:], len(shards)]
+    return [plan.take(np.arange(s, e)) for s, e in zip(starts, ends) if shards[s] not in committed]
+
+
+def plan_files(storage: Storage) -> list[str]:
+    """The plan's parts, in order."""
+    return [f for f in storage.list("plan") if _is_part(f)]
+
+
+def _is_part(relative: str) -> bool:
+    return PART.fullmatch(posixpath.basename(relative)) is not None
+
+
+def _rows(storage: Storage, relative: str) -> int:
+    with storage.fs.open(storage.path(relative), "rb") as handle:
+        return pq.read_metadata(handle).num_rows
+
+
+def _write_part(storage: Storage, index: int, rows: list[dict]) -> str:
+    relative = f"plan/part-{index:05d}.parquet"
+    storage.write_table(relative, pa.Table.from_pylist(rows, schema=PLAN_SCHEMA))
+    return relative
+
+
+def _batched(items, size: int):
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).digest()

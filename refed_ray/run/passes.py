@@ -1,0 +1,205 @@
+"""Passes: units of committed work, each cut into shards, committed shard by shard, indexed.
+
+A pass (``Pass``) has a name (its markers, index and shard names carry it: ``stages.PassName``),
+and cuts its work into shards named by the ids they cover (``Pass.shard_name``: the same work
+always has the same name, so a resumed pass skips what is committed). The run's passes:
+
+- ``SEEDS``: the driver commits the skipped seed rows once (``commits.commit_on_driver``);
+- ``FEEDBACK``: an engine pass over shards of references (``workers.FeedbackWorker``);
+- ``SYNTHESIS``: an engine pass over the plan's shards of work units (``plan.py`` cuts them);
+- ``DEDUP`` and any filter: the driver commits a filter's drops (``filters/base.py``).
+
+The commit protocol (markers, index, run_id, attempts, and the driver's own commits:
+``commit_on_driver``, ``retract``) is ``records/commits.py``'s; this module absorbs an engine
+pass's commits into its index as they come (``CommitLog.write_index``).
+
+**Engine passes** (``run_engine_pass``), for the run's passes and for new ones (a judge pass of
+``compare``/``select`` under its own Storage root)::
+
+    blocks = JUDGE.cut(rows, id_key="pair_id", size=64)        # one pa.Table per shard, "shard" first
+    committed = CommitLog(judge_storage, run_id="", passes=(JUDGE.name,))
+    todo = JUDGE.pending(blocks, committed)                    # shards not yet committed
+    result = run_engine_pass(JUDGE.name, todo, JudgeWorker, worker_args, committed, config=config,
+                             engines=min(len(todo), 4))
+
+- ``blocks``: one small pyarrow table per shard, with a ``shard`` column (every row the same
+  name) and the worker's ``id_column``. Ray Data gets one block per shard: a task is one shard,
+  and a retried task redoes one shard at most.
+- ``worker``: a ``workers._EngineWorker`` subclass (``pass_name``, ``id_column``, ``process``,
+  ``abandon``). Its actors each host one engine (``engine_map_args``: the pool, the engine kind's
+  resources, Ray's restarts and retries); ``worker_args`` are its constructor's keyword arguments
+  (``engine_args``: config_json, secrets, run_id, submission, ...). A worker commits to
+  ``Storage(config.output)``; one committing elsewhere sets ``self.storage`` in its ``__init__``
+  (the driver's ``CommitLog`` must read that same Storage), with the ``run_id`` that log reads.
+- ``committed``: the pass's ``CommitLog``; commits are added to it and absorbed into the pass's
+  index as they come (every ``INDEX_EVERY_SHARDS``, and at the end whatever happens).
+- Faults, as for the run's passes: an engine that refuses its settings raises ``UserError``, an
+  outage ``RunStopped`` (committed shards kept: a resubmission resumes), an engine death restarts
+  the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects.
+- Returns a ``PassResult``: shards committed now, seconds, summed ``ShardStats``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from refed_ray.config import RunConfig
+from refed_ray.engines.kinds import engine_kind
+from refed_ray.errors import RunStopped, UserError
+from refed_ray.records import commits
+from refed_ray.records.commits import Commit, CommitLog
+from refed_ray.records.stages import PassName
+from refed_ray.records.stats import ShardStats
+from refed_ray.run.workers import MISCONFIGURED, OUTAGE
+from refed_ray.storage import Storage
+
+INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A pass's name and how its shards are cut and named."""
+
+    name: str
+
+    def shard_name(self, ids: list[str]) -> str:
+        """A shard is named by the ids it covers: the same work always has the same name."""
+        return commits.shard_name(self.name, ids)
+
+    def cut(self, rows: list[dict[str, Any]], id_key: str, size: int) -> list[pa.Table]:
+        """``rows`` in shards of ``size`` consecutive rows, one table each, with its ``shard`` name."""
+        shards = [rows[i:i + size] for i in range(0, len(rows), size)]
+        named = [(self.shard_name([r[id_key] for r in shard]), shard) for shard in shards]
+        return [pa.Table.from_pylist([{"shard": name, **r} for r in shard]) for name, shard in named]
+
+    def pending(self, blocks: list[pa.Table], committed: CommitLog) -> list[pa.Table]:
+        """The blocks whose shard is not committed yet."""
+        done = committed.commits.get(self.name, {})
+        return [block for block in blocks if block.column("shard")[0].as_py() not in done]
+
+
+SEEDS, FEEDBACK, SYNTHESIS, DEDUP, JUDGE = (Pass(name) for name in PassName)
+
+
+@dataclass
+class PassResult:
+    shards: int = 0
+    seconds: float = 0.0
+    stats: ShardStats = field(default_factory=ShardStats)
+
+    def __iadd__(self, other: PassResult) -> PassResult:
+        self.shards += other.shards
+        self.seconds += other.seconds
+        self.stats += other.stats
+        return self
+
+
+# ---- engine passes -------------------------------------------------------------------------
+
+
+def run_engine_pass(
+    pass_name: str, blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], committed: CommitLog, *,
+    config: RunConfig, engines: int, progress: AbstractContextManager | None = None,
+    index_every: int = INDEX_EVERY_SHARDS,
+) -> PassResult:
+    """Run ``worker`` actors over ``blocks`` (one shard each) and drain their commits into
+    ``committed``; see the module's docstring. ``engines``: the pool's size before
+    ``workers.num_engines`` bounds it. ``progress``: entered while the pass drains.
+    ``index_every``: commits absorbed into the index at once."""
+    if not blocks:
+        return PassResult()
+    dataset = engine_dataset(blocks, worker, worker_args, config, engines)
+    with progress or nullcontext():
+        return drain(dataset, committed, pass_name, index_every)
+
+
+def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str], run_id: str) -> dict[str, Any]:
+    """The constructor arguments of an engine pass's workers (``workers._EngineWorker``), made on
+    the driver once per command: every pass of the command shares them, and with them its engine
+    kind's driver-side helpers (the openai rate limiter), alive until the command ends."""
+    return {
+        # Workers get the root's full URI: their working directory is not the driver's.
+        "config_json": config.model_copy(update={"output": root.full_uri()}).model_dump_json(),
+        # Secrets travel through the object store, never in the config or a runtime env.
+        "secrets": [ray.put(secrets)],
+        # Commits carry the run's id; engine deaths count per driver process ("submission"): commits.py.
+        "run_id": run_id,
+        "submission": uuid.uuid4().hex[:12],
+        **engine_kind(config.engine.kind).driver_args(config.engine),
+    }
+
+
+def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], config: RunConfig,
+                   engines: int) -> ray.data.Dataset:
+    """The pass as a lazy Ray Dataset: one Ray block per shard, so a task is one shard and a
+    retried task redoes one shard at most.
+
+    ``map_batches_internal``, not ``map_batches``: Ray 2.60's public method refuses
+    ``batch_size=None`` with ``num_gpus > 0`` ("You must provide `batch_size` ... when requesting
+    GPUs"), i.e. every GPU engine. A whole block must stay one batch (a number would let Ray merge
+    shards into one task), so the pass takes the same DeveloperAPI that Ray's own ``map_groups``
+    takes for the same reason; it differs only in skipping that check."""
+    return ray.data.from_arrow(blocks).map_batches_internal(
+        worker, fn_constructor_kwargs=worker_args, **engine_map_args(config, engines)
+    )
+
+
+def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
+    """map_batches arguments shared by every engine pass: pool, resources, fault tolerance."""
+    workers = config.workers
+    resources = engine_kind(config.engine.kind).actor_resources(config.engine)
+    return dict(
+        batch_size=None,  # the whole block, i.e. the whole shard, is one batch
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=min(workers.num_engines, engines),  # no engine loads for a pass with less work
+            max_tasks_in_flight_per_actor=workers.shards_in_flight,
+            max_concurrent_calls_per_actor=workers.shards_in_flight,  # async actor: shards overlap
+        ),
+        # Ray 2.60 has no named parameter for these two yet, hence its deprecation warning on
+        # "ray_remote_args". Unbounded by default: spot clusters lose nodes as long as they run.
+        max_restarts=workers.max_restarts,
+        max_task_retries=workers.max_task_retries,
+        **resources,
+    )
+
+
+def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDEX_EVERY_SHARDS) -> PassResult:
+    """Run a pass to the end, absorbing its commits into the index as they come."""
+    result, started, unindexed = PassResult(), time.time(), 0
+    try:
+        # No prefetch: Ray Data's prefetcher holds each finished block back until the next one
+        # comes, so the driver (its index, its progress line) would learn of a commit a shard late.
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for line in batch.column("commit").to_pylist():
+                commit = Commit.model_validate_json(line)
+                committed.add(commit)
+                result.stats += commit.stats
+                result.shards += 1
+                unindexed += 1
+            if unindexed >= index_every:
+                committed.write_index(pass_name)
+                unindexed = 0
+    except Exception as err:
+        if MISCONFIGURED in str(err):
+            reason = str(err).split(MISCONFIGURED + ": ", 1)[-1].splitlines()[0]
+            raise UserError(f"the {pass_name} pass stopped: {reason}") from None
+        if OUTAGE in str(err):
+            reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
+            raise RunStopped(
+                f"the {pass_name} pass stopped: the engine was unavailable ({reason}). Nothing was "
+                "recorded as rejected for it, and committed shards are kept: submit the same command "
+                "again to resume."
+            ) from None
+        raise
+    finally:
+        committed.write_index(pass_name)
+    result.seconds = time.time() - started
+    return result

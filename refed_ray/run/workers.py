@@ -1,0 +1,242 @@
+"""Ray Data actors. Each hosts ONE engine; each task is ONE shard, committed when it finishes.
+
+A task is a whole shard (the plan decides shards; the pipeline hands Ray Data one block per
+shard), so whatever Ray retries is at most the shards in flight on an actor, never committed work:
+a task first checks whether its shard was committed by an earlier attempt of this run.
+
+The shared reference-level feedback reaches every actor once, at construction, as a broadcast
+``ObjectRef`` (Ray Data does not dereference refs in ``fn_kwargs``, so it travels inside a list
+in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on several shards at once and
+every unit of a shard runs its chain concurrently on the one engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import socket
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from refed_ray.config import RunConfig
+from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable
+from refed_ray.engines.guard import GuardedEngine, shard_counters
+from refed_ray.engines.kinds import create_engine
+from refed_ray.method.feedback import collect_feedback
+from refed_ray.method.refiners import refiner_for
+from refed_ray.method.synthesis import EarlierUnit, refine_earlier_unit, synthesize_unit
+from refed_ray.records import commits
+from refed_ray.records.models import Feedback, Reference, Reject, Sample, WorkUnit, to_table
+from refed_ray.records.stages import PassName, Stage
+from refed_ray.records.stats import ShardStats, StageStats, merge
+from refed_ray.run.instructions_from import EarlierRun, earlier_units
+from refed_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+COMMIT_SCHEMA = pa.schema([("commit", pa.string())])
+OUTAGE = "refed-ray outage"  # how the driver recognises an outage among a failed pass's errors
+MISCONFIGURED = "refed-ray misconfigured"  # ... and engine settings the API refused
+
+
+class _EngineWorker:
+    pass_name: str
+    id_column: str
+
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], run_id: str, submission: str,
+                 rate_limiter: list | None = None):
+        # The run this actor works for (its commits carry it) and the driver process that started
+        # it (engine deaths count within one): see commits.py.
+        self.run_id, self.submission = run_id, submission
+        # Secrets (an API key) come from the driver's environment through the object store, so
+        # they never appear in the config, the runtime env or any log.
+        os.environ.update(ray.get(secrets[0]))
+        self.config = RunConfig.model_validate_json(config_json)
+        self.storage = Storage(self.config.output, self.config.storage_options)
+        _check_output_visible(self.storage)
+        workers = self.config.workers
+        self.engine = GuardedEngine(
+            create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None),
+            requests_in_flight=workers.requests_in_flight,
+            outage_patience_s=workers.outage_patience_s,
+            hang_timeout_s=workers.hang_timeout_s,
+        )
+        # Ray Data may hand an async actor more shards than it should work on at once.
+        self.shard_slots = asyncio.Semaphore(workers.shards_in_flight)
+        # Ray Data ends a pass by letting its actors exit: the engine stops then, with the
+        # interpreter intact. Not in __del__: vLLM keeps an import error's traceback, whose frames
+        # hold this worker until interpreter teardown.
+        atexit.register(self.engine.shutdown)
+
+    async def __call__(self, batch: pa.Table):
+        shard = batch.column("shard")[0].as_py()
+        ids = batch.column(self.id_column).to_pylist()
+        # Off the event loop: storage requests must not stall the other shards' engine calls.
+        commit = await asyncio.to_thread(
+            commits.find_commit, self.storage, self.pass_name, shard, self.run_id
+        )
+        if commit is None:
+            async with self.shard_slots:
+                attempt = await asyncio.to_thread(
+                    commits.start_attempt, self.storage, self.pass_name, shard, self.submission
+                )
+                try:
+                    commit = await self._attempt(attempt, shard, ids, batch.to_pylist())
+                except BaseException:
+                    # This process lives on, so whatever ended the attempt (an outage, a cancelled
+                    # task, a failed write) was no engine death: it must not count as one.
+                    await _end_cleanly(attempt)
+                    raise
+        yield pa.table({"commit": [commit.model_dump_json()]}, COMMIT_SCHEMA)
+
+    async def _attempt(
+        self, attempt: commits.Attempt, shard: str, ids: list[str], rows: list[dict[str, Any]]
+    ) -> commits.Commit:
+        counters: dict[str, int] = {}
+        shard_counters.set(counters)  # this task's context: its chains count their outage retries here
+        if attempt.deaths >= self.config.workers.max_shard_attempts:
+            tables, stages = self.abandon(rows, attempt.deaths), {}
+        else:
+            try:
+                tables, stages = await self.process(rows)
+            except EngineDead as err:
+                # Exit the actor: Ray restarts it with a fresh engine and retries its shards.
+                # Nothing of this shard was committed, and its attempt has no end: a death.
+                log.error("engine died, restarting the actor: %s", err)
+                logging.shutdown()
+                os._exit(1)
+            except EngineUnavailable as err:
+                # Fails the pass: the driver stops the run with this message; the shard stays
+                # uncommitted and a resubmission redoes it.
+                raise RuntimeError(f"{OUTAGE}: {err}") from None
+            except EngineMisconfigured as err:
+                # Fails the pass at once: no call can succeed until the settings are fixed.
+                raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
+        stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
+        return await asyncio.to_thread(
+            commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt.number,
+            self.run_id,
+        )
+
+    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
+        raise NotImplementedError
+
+    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
+        """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
+        raise NotImplementedError
+
+
+async def _end_cleanly(attempt: commits.Attempt) -> None:
+    # Shielded: a second cancellation must not leave the record unwritten. A failure to write it
+    # only makes the attempt count as a death; the error that ended the attempt goes up instead.
+    try:
+        await asyncio.shield(asyncio.to_thread(attempt.end_cleanly))
+    except Exception as err:  # fsspec back ends raise many types
+        log.warning("could not record the clean end of %s: %s", attempt.record, err)
+
+
+def _abandon_reason(deaths: int) -> str:
+    return (f"shard abandoned: its engine died on each of {deaths} attempts (a poison input, or an "
+            "engine that cannot run it); workers.max_shard_attempts")
+
+
+class FeedbackWorker(_EngineWorker):
+    """Stage 1 over a shard of references."""
+
+    pass_name = PassName.FEEDBACK
+    id_column = "reference_id"
+
+    async def process(self, rows):
+        references = [Reference(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
+        steps = refiner_for(self.config.feedback.mode).reference_feedback
+        results = await asyncio.gather(
+            *(collect_feedback(self.engine, ref, self.config, steps) for ref in references)
+        )
+        stats = StageStats()
+        for result in results:
+            stats += result.stats
+        tables = {
+            "feedback": to_table([r.feedback for r in results if r.feedback], Feedback),
+            "rejects": to_table([reject for r in results for reject in r.rejects], Reject),
+        }
+        return tables, {Stage.FEEDBACK.value: stats}
+
+    def abandon(self, rows, attempts):
+        rejects = [Reject(stage=Stage.FEEDBACK, reason=_abandon_reason(attempts), reference_id=row["reference_id"],
+                          source=row["source"]) for row in rows]
+        return {"rejects": to_table(rejects, Reject)}
+
+
+class SynthesisWorker(_EngineWorker):
+    """Stages 2-4 over a shard of work units, with the broadcast feedback table."""
+
+    pass_name = PassName.SYNTHESIS
+    id_column = "unit_id"
+
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef],
+                 earlier: list[ray.ObjectRef] | None = None, **kwargs):
+        super().__init__(config_json, secrets, **kwargs)
+        self.feedback: dict[str, Feedback] = ray.get(feedback[0])
+        # instructions_from: the earlier run's committed files by shard (instructions_from.py).
+        self.earlier: EarlierRun | None = ray.get(earlier[0]) if earlier else None
+        _warn_if_underfilled(self.config, self.engine.max_concurrency)
+
+    async def process(self, rows):
+        units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
+        if self.earlier is None:
+            chains = [synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config)
+                      for u in units]
+        else:
+            earlier = await asyncio.to_thread(self._earlier_units, rows)
+            chains = [refine_earlier_unit(self.engine, u, self.feedback.get(u.reference_id), earlier[u.unit_id],
+                                          self.config) for u in units]
+        results = await asyncio.gather(*chains)
+        stats: dict[str, StageStats] = {}
+        for result in results:
+            merge(stats, result.stats)
+        tables = {
+            "data": to_table([s for r in results for s in r.samples], Sample),
+            "rejects": to_table([j for r in results for j in r.rejects], Reject),
+        }
+        return tables, stats
+
+    def _earlier_units(self, rows) -> dict[str, EarlierUnit]:
+        """The earlier run's units of this shard (B's shards are A's: the same name, the same units)."""
+        files = self.earlier.shard_files[rows[0]["shard"]]
+        storage = Storage(self.earlier.uri, self.config.storage_options)
+        return earlier_units(storage, files, rows, self.config.instructions_per_aspect)
+
+    def abandon(self, rows, attempts):
+        k = self.config.instructions_per_aspect
+        rejects = [Reject(stage=Stage.ENGINE, reason=_abandon_reason(attempts), unit_id=row["unit_id"],
+                          reference_id=row["reference_id"], aspect=row["aspect"], lost_samples=k)
+                   for row in rows]
+        return {"rejects": to_table(rejects, Reject)}
+
+
+def _check_output_visible(storage: Storage) -> None:
+    """An engine on a node that cannot see a local OUTPUT would write where nobody reads."""
+    if storage.is_local and not storage.exists("run.json"):
+        raise RuntimeError(
+            f"OUTPUT {storage.uri} is a local path that this node ({socket.gethostname()}) does not "
+            "share with the driver: use an object-store URI (s3://...) or a path on a file system "
+            "every node mounts, with output_shared_filesystem: true"
+        )
+
+
+def _warn_if_underfilled(config: RunConfig, engine_batch: int | None) -> None:
+    """An engine batches up to ``engine_batch`` requests (vLLM: from max_num_seqs); an actor holds
+    at most one request per sample chain of its shards in flight. Fewer leaves the engine idle."""
+    workers = config.workers
+    chains = workers.shards_in_flight * workers.units_per_shard * config.instructions_per_aspect
+    if engine_batch and chains < engine_batch:
+        log.warning(
+            "this engine can batch %d requests but its actor holds at most %d sample chains "
+            "(workers.shards_in_flight %d x units_per_shard %d x K %d): the engine runs under-filled; "
+            "raise workers.units_per_shard or workers.shards_in_flight",
+            engine_batch, chains, workers.shards_in_flight, workers.units_per_shard, config.instructions_per_aspect,
+        )
