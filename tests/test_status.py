@@ -34,7 +34,7 @@ HELD = "held"
 def test_status_while_a_run_writes_to_s3_and_after(bucket, tmp_path, monkeypatch, caplog):  # noqa: F811
     monkeypatch.setattr(pipeline, "INDEX_EVERY_SHARDS", INDEX_EVERY)
     monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.2)
-    caplog.set_level(logging.INFO, logger="refed_ray.watch.status")
+    caplog.set_level(logging.INFO, logger="refed_ray.run.progress")
     seeds = pairs(39) + [{"id": HELD, "instruction": "HOLD: explain the held topic.", "response": "An answer."}]
     release = tmp_path / "release"
     engine = {"kind": "custom", "class_path": "tests.fake_engine:FakeEngine", "model": "fake-teacher",
