@@ -17,14 +17,13 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from refed_ray.watch.doctor import CUDA_MIN_DRIVER
 from tests.conftest import ROOT
 
-# The CUDA of torch's PyPI Linux wheels, by torch release, and the oldest NVIDIA driver branch that
-# runs it. Checked 2026-12-06 from PyPI's metadata of torch 2.13.0 (manylinux x86_64: it requires
-# cuda-toolkit==13.0.3); the driver branch is NVIDIA's CUDA 13.0 release notes' (R580). A torch bump
-# fails here until its CUDA is looked up and entered.
+# The CUDA of torch's PyPI Linux wheels, by torch release: checked 2026-12-06 from PyPI's metadata
+# of torch 2.13.0 (manylinux x86_64: it requires cuda-toolkit==13.0.3). A torch bump fails here
+# until its CUDA is looked up and entered; the driver it needs is refed-ray doctor's table.
 TORCH_CUDA = {"2.13.0": "13.0"}
-CUDA_MIN_DRIVER = {"13.0": 580}
 
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
 RAYJOB = yaml.safe_load((ROOT / "jobs" / "rayjob.yaml").read_text())
@@ -136,7 +135,7 @@ def test_the_image_pins_one_vllm_torch_cuda_combination_matching_pyproject():
     assert IMAGE_INSTALL["torch"] == Version(vllm_requires["torch"]).base_version == LABELS["refed-ray.torch"]
     # CUDA: the one torch's wheels bring, and the driver it needs, stated where the host is chosen.
     cuda = TORCH_CUDA[IMAGE_INSTALL["torch"]]
-    assert LABELS["refed-ray.cuda"] == cuda and int(LABELS["refed-ray.min-driver"]) == CUDA_MIN_DRIVER[cuda]
+    assert LABELS["refed-ray.cuda"] == cuda and int(LABELS["refed-ray.min-driver"]) == CUDA_MIN_DRIVER[cuda.split(".")[0]]
     assert _dockerfile_settings("ENV")["NVIDIA_REQUIRE_CUDA"] == f"cuda>={cuda}"
     # The base brings no CUDA of its own beside torch's, and the Ray the tests run.
     (base,) = _dockerfile("FROM")
