@@ -171,7 +171,10 @@ def check_output_on_cluster(config: RunConfig) -> Check:
         refuse_local_output_on_cluster(Storage(config.output, config.storage_options), config)
     except UserError as err:
         return _fail("output", DRIVER, str(err))
-    return _ok("output", DRIVER, f"OUTPUT {config.output} is reachable by every node the run may use")
+    kind = "a local path on a one-node cluster" if Storage(config.output).is_local else "an object-store URI"
+    if config.output_shared_filesystem:
+        kind = "a path every node mounts (output_shared_filesystem)"
+    return _ok("output", DRIVER, f"OUTPUT {config.output} is {kind}: each node's own write is checked there")
 
 
 def one_node_per_kind(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
