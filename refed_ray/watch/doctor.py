@@ -206,7 +206,9 @@ def run_on_node(node: dict[str, Any], options: dict[str, Any], config: RunConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     where = _describe(node)
-    probe = ray.remote(node_checks).options(
+    # max_calls=1: the worker exits after the checks, so the CUDA context torch made there does
+    # not hold GPU memory that the run's engines need free when they start.
+    probe = ray.remote(max_calls=1)(node_checks).options(
         num_cpus=options.get("num_cpus", 0), max_retries=0,
         **{key: value for key, value in options.items() if key != "num_cpus"},
         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
