@@ -5,7 +5,7 @@ contracts, checked by ``make test``)::
 
     cli.py          the refed-ray command
     experiments/    compare, the judge's pass, select and its selection methods
-    watch/          refed-ray plan and refed-ray status: a run looked at, not run
+    watch/          refed-ray plan, doctor and status: a run (or its cluster) looked at, not run
     run/            the pipeline, its passes, engine actors, OUTPUT's lifecycle, progress line
     reports/        report.json, report.html, the terminal views a run ends with
     data/           seeds, filters, samples kept, the dataset and its card, selections, export

@@ -1,4 +1,4 @@
-"""The ``refed-ray`` command: run, plan, status, prepare-model, export, select, compare, report."""
+"""The ``refed-ray`` command: run, plan, doctor, status, prepare-model, export, select, compare, report."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="vLLM engines: the teacher's parameters, e.g. 8e9 (default: from a local model's config.json)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_plan)
+
+    doctor = commands.add_parser("doctor", parents=[common],
+                                 help="check on the cluster what would fail the run later: CUDA, GPUs, model, memory, "
+                                      "disk, OUTPUT from a node, versions")
+    add_run_arguments(doctor)
+    doctor.add_argument("--wait", type=float, default=600, metavar="S",
+                        help="when no node can take an engine yet, wait up to S seconds for the autoscaler (default 600)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.set_defaults(handler=_doctor)
 
     status = commands.add_parser("status", parents=[common], help="where a run in OUTPUT stands, while it runs or after")
     status.add_argument("output", help="a run's OUTPUT URI")
@@ -185,6 +194,15 @@ def _plan(args: argparse.Namespace) -> int:
                         model_params=args.model_params)
     print(json.dumps(estimate, indent=2) if args.json else describe(estimate))
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from refed_ray.watch.doctor import as_json, describe, doctor
+
+    checks = doctor(config_from_args(args), force_new=args.force_new, wait_s=args.wait,
+                    say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(as_json(checks), indent=2) if args.json else describe(checks))
+    return 0 if all(check.ok for check in checks) else 2
 
 
 def _status(args: argparse.Namespace) -> int:

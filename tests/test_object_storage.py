@@ -82,3 +82,19 @@ def test_model_folder_is_fetched_once_from_s3(bucket, tmp_path, monkeypatch):
     assert (local / "model.safetensors").read_bytes() == b"cached"  # not fetched again
     with pytest.raises(FileNotFoundError, match="no config.json"):
         fetch_remote_model(f"{bucket}/models/missing")
+
+
+def test_doctor_reads_an_s3_model_and_round_trips_output_on_s3_from_a_node(bucket, capsys):
+    from refed_ray.cli import main
+    from tests.test_doctor import TINY_CONFIG
+
+    put(f"{bucket}/models/doctor/config.json", json.dumps(TINY_CONFIG).encode())
+    put(f"{bucket}/models/doctor/model.safetensors", b"w" * 4096)
+    code = main(["doctor", "--json", "--model", f"{bucket}/models/doctor", "--output", f"{bucket}/runs/doctor",
+                 "--device", "cpu", "--wait", "0"])
+    checks = {check["name"]: check for check in json.loads(capsys.readouterr().out) if check["where"] != "driver"}
+    assert code == 0, checks
+    assert checks["model"]["message"].startswith(f"{bucket}/models/doctor: config.json read (LlamaForCausalLM)")
+    assert "remote" in checks["disk"]["message"]  # where the run fetches an s3 model to
+    assert checks["output"]["message"].startswith(f"OUTPUT {bucket}/runs/doctor: a file written, read back and deleted")
+    assert not [name for name in Storage(f"{bucket}/runs/doctor").list("") if ".doctor-probe" in name]

@@ -55,7 +55,7 @@ def plan_run(
     model_params: float | None = None,
 ) -> dict[str, Any]:
     """The plan of ``config``'s run (what ``refed-ray plan --json`` prints)."""
-    checked = _preflight_leaving_no_folder(config, force_new)
+    checked = preflight_leaving_no_folder(config, force_new)
     committed = CommitLog(checked.storage) if checked.resumed else None
     references = checked.seeds.references
     reference_ids = [ref.reference_id for ref in references]
@@ -121,7 +121,7 @@ def first_calls(config: RunConfig, feedback_references: int, units: int) -> dict
     return calls
 
 
-def _preflight_leaving_no_folder(config: RunConfig, force_new: bool) -> Preflight:
+def preflight_leaving_no_folder(config: RunConfig, force_new: bool) -> Preflight:
     """The run's checks. Its write probe creates a new local OUTPUT's folders: plan removes
     the ones it created (empty), so it leaves nothing behind."""
     storage = Storage(config.output, config.storage_options)

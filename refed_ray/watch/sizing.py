@@ -69,14 +69,10 @@ def model_shape(config: RunConfig, model_params: float | None = None) -> ModelSh
     embedded default once prepared), else ``model_params`` (``--model-params``); None when
     neither is known (a hub id without ``--model-params``)."""
     folder = _local_folder(config)
-    hf = _read_config(folder) if folder else None
     kv_dtype = config.engine.engine_kwargs.get("kv_cache_dtype", "auto")
-    if hf is not None:
-        weight_bytes = 1.0 if _is_fp8(hf) else _dtype_bytes(config.engine.dtype)
-        kv_bytes = 1.0 if str(kv_dtype).startswith("fp8") else _dtype_bytes(config.engine.dtype)
-        params = model_params or _dense_params(hf, folder)
-        return ModelShape(params, weight_bytes, _kv_elements_per_token(hf) * kv_bytes,
-                          f"{folder}/config.json" + (" (parameters from --model-params)" if model_params else ""))
+    if folder is not None:
+        hf = _read_config(folder)
+        return shape_from_config(hf, config, f"{folder}/config.json", model_params)
     if model_params:
         # No config to read the KV layout from: Llama-3.1-8B's, scaled by the square root of the
         # size (Llama-3.1-70B's is 2.5x for 8.8x the parameters).
@@ -84,6 +80,32 @@ def model_shape(config: RunConfig, model_params: float | None = None) -> ModelSh
         return ModelShape(model_params, 2.0, kv / (2 if str(kv_dtype).startswith("fp8") else 1),
                           "--model-params; KV cache per token assumed like Llama-3.1-8B's, scaled")
     return None
+
+
+def shape_from_config(
+    hf: dict[str, Any], config: RunConfig, source: str, model_params: float | None = None,
+) -> ModelShape:
+    """The shape a Hugging Face config.json (``parse_config``) describes, with the run's dtypes;
+    ``model_params`` overrides the parameters counted from it (a mixture of experts needs it)."""
+    weight_bytes = 1.0 if _is_fp8(hf) else _dtype_bytes(config.engine.dtype)
+    params = model_params or _dense_params(hf, source)
+    return ModelShape(params, weight_bytes, kv_bytes_per_token(hf, config),
+                      source + (" (parameters from --model-params)" if model_params else ""))
+
+
+def kv_bytes_per_token(hf: dict[str, Any], config: RunConfig) -> float:
+    """KV cache bytes one token holds: layers x KV heads x head size x (K and V) x the cache dtype."""
+    kv_dtype = config.engine.engine_kwargs.get("kv_cache_dtype", "auto")
+    kv_bytes = 1.0 if str(kv_dtype).startswith("fp8") else _dtype_bytes(config.engine.dtype)
+    return _kv_elements_per_token(hf) * kv_bytes
+
+
+def kv_cache_bytes(memory_bytes: float, tensor_parallel_size: int, utilization: float, weights: float) -> float:
+    """What an engine of ``tensor_parallel_size`` GPUs of ``memory_bytes`` each keeps for its KV
+    cache: its share of the memory less the weights, activations and CUDA graphs (5%, 2 GB at
+    least, a GPU). Negative when the weights do not fit."""
+    overhead = max(2 * GB, 0.05 * memory_bytes) * tensor_parallel_size
+    return utilization * memory_bytes * tensor_parallel_size - weights - overhead
 
 
 def gpu_estimate(
@@ -94,8 +116,7 @@ def gpu_estimate(
     card = GPUS[gpu]
     tp = config.engine.tensor_parallel_size
     weights = shape.params * shape.weight_bytes_per_param
-    overhead = max(2 * GB, 0.05 * card.memory_gb * GB) * tp
-    kv_cache = config.engine.gpu_memory_utilization * card.memory_gb * GB * tp - weights - overhead
+    kv_cache = kv_cache_bytes(card.memory_gb * GB, tp, config.engine.gpu_memory_utilization, weights)
     result: dict[str, Any] = {"gpu": gpu, "name": card.name, "gpus_per_engine": tp,
                               "engines": config.workers.num_engines, "kv_cache_gb": round(kv_cache / GB, 1)}
     if kv_cache <= 0 or not calls or not completion_tokens:
@@ -147,22 +168,27 @@ def _local_folder(config: RunConfig) -> Path | None:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return parse_config((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {folder}/config.json: {err}") from None
-    return {**hf, **hf.get("text_config", {})}  # multimodal configs nest the language model's
 
 
-def _dense_params(hf: dict[str, Any], folder: Path) -> float:
+def parse_config(text: str) -> dict[str, Any]:
+    """A Hugging Face config.json's fields, a multimodal model's language model's over its own."""
+    hf = json.loads(text)
+    return {**hf, **hf.get("text_config", {})}
+
+
+def _dense_params(hf: dict[str, Any], folder: str) -> float:
     """Parameters of a dense decoder (Llama, Qwen, Mistral, Gemma: gated MLP, GQA attention)."""
     if any(key in hf for key in ("num_local_experts", "num_experts", "n_routed_experts")):
-        raise UserError(f"{folder}/config.json describes a mixture-of-experts model: pass --model-params "
+        raise UserError(f"{folder} describes a mixture-of-experts model: pass --model-params "
                         "(its active parameters per token)")
     try:
         hidden, layers, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
         heads, ffn = hf["num_attention_heads"], hf["intermediate_size"]
     except KeyError as err:
-        raise UserError(f"{folder}/config.json has no {err.args[0]}: pass --model-params") from None
+        raise UserError(f"{folder} has no {err.args[0]}: pass --model-params") from None
     head_dim = hf.get("head_dim") or hidden // heads
     kv_heads = hf.get("num_key_value_heads") or heads
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
