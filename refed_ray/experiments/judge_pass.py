@@ -89,6 +89,10 @@ def load_judge_config(path: str) -> JudgeConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError(f"judge config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"judge config {path} is a directory: name its YAML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"judge config file {path} cannot be read: {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"judge config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict) or "engine" not in data:
@@ -97,6 +101,18 @@ def load_judge_config(path: str) -> JudgeConfig:
         return JudgeConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(err, path)) from None
+
+
+def check_judge_settings(judge_config: str | None, seed: int | None) -> None:
+    """A command's judge settings, checked before Ray starts or anything is written (an invalid
+    seed would otherwise fail inside the engine actors, after the judge root was claimed)."""
+    if judge_config:
+        load_judge_config(judge_config)
+    if seed is not None:
+        try:
+            JudgeSampling(seed=seed)
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, "--seed")) from None
 
 
 def judge_of_run(run: Storage, judge_config: str | None) -> JudgeConfig:
