@@ -8,7 +8,7 @@ import yaml
 
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
-from refed_ray.experiments.compare import compare
+from refed_ray.experiments.compare import compare, win_rate
 from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
 from tests.conftest import pairs, run_cli, write_jsonl
@@ -104,7 +104,8 @@ def test_a_judge_that_always_prefers_the_first_position_yields_only_ties(runs, t
     result = compare(a, b, judge_config(tmp_path / "judge.yaml", always="1"), output=str(tmp_path / "cmp"))
     judge = result["judge"]
     assert (judge["a_wins"], judge["b_wins"], judge["ties"]) == (0, 0, 12)
-    assert judge["win_rate_a"] == 0.5 and judge["ci95"] == [0.5, 0.5]
+    # Wilson's interval: 12 ties say nothing either way, and the interval is wide, not a point.
+    assert judge["win_rate_a"] == 0.5 and judge["ci95"] == [0.2538, 0.7462]
     assert (tmp_path / "cmp" / "compare.json").exists()
 
 
@@ -126,7 +127,16 @@ def test_cli_judges_with_the_teacher_of_a_by_default(runs, tmp_path):
     result = run_cli("compare", a, b, "--output", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "refed-ray compare: 12 pairs" in result.stdout and "win rate A" in result.stdout
+    assert "not conclusive: too few pairs to conclude anything (12 judged, fewer than 30)" in result.stdout
     judge = json.loads((out / "compare.json").read_text())["judge"]
     assert judge["a_wins"] + judge["b_wins"] + judge["ties"] + judge["rejected"] == 12 and judge["calls"] >= 24
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["judge"]["engine"]["class_path"] == TEACHER["class_path"]
+
+
+def test_the_interval_is_never_a_point_at_small_n():
+    rate, (low, high) = win_rate(2, 0, 0)  # two pairs, both A's: the normal approximation said 100% to 100%
+    assert rate == 1.0 and low < 0.4 and high == 1.0
+    rate, (low, high) = win_rate(0, 2, 0)
+    assert rate == 0.0 and low == 0.0 and high > 0.6
+    assert win_rate(80, 20, 0)[1] == [0.7112, 0.8666]  # Wilson's, by hand

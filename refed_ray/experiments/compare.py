@@ -9,7 +9,7 @@ answers to two questions says nothing.
 What it writes, ``DIR/compare.json`` (default ``OUTPUT_A/compare/<name of B>/``): the pairs, each
 run's feedback calls, calls and tokens per sample by stage, cost, lengths and diversity (from its
 report.json and the paired rows), and the judge's result: wins, ties, A's win rate (a tie counts
-half) with a 95% confidence interval. The judge's calls are a pass of their own under DIR
+half) with its 95% Wilson score interval. The judge's calls are a pass of their own under DIR
 (``judge_pass.py``): a second compare of the same runs judges nothing again.
 """
 
@@ -41,6 +41,7 @@ from refed_ray.storage import Storage
 RESULT = "compare.json"
 ROW_COLUMNS = ["unit_id", "sample_index", "instruction", "improved_response"]
 Z_95 = 1.959964
+MIN_PAIRS = 30  # below it, a win rate is not read as a result whatever its interval
 
 
 def compare(output_a: str, output_b: str, judge_config: str | None = None, output: str | None = None,
@@ -162,23 +163,36 @@ def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str
         "reject_reasons": stats.reject_reasons,
         "win_rate_a": rate,
         "ci95": interval,
-        "ci_method": "normal approximation on per-pair scores (A win 1, tie 0.5, B win 0), clipped to [0, 1]",
+        "ci_method": "Wilson score interval of the win rate, a tie counted as half a win",
+        "inconclusive": conclusion(len(winners), interval),
         **judge_counts(root, committed, judge),
     }
 
 
 def win_rate(wins: int, losses: int, ties: int) -> tuple[float | None, list[float] | None]:
-    """The mean per-pair score (win 1, tie 0.5, loss 0) and its 95% interval by the normal
-    approximation (sample standard deviation), clipped to [0, 1]; None without pairs."""
+    """A's win rate (a tie counts half) and its 95% Wilson score interval, None without pairs.
+    Wilson, not the normal approximation: that one gives an interval of zero width when every
+    pair goes one way (2 of 2: "100% to 100%"); Wilson's stays honest at small n and at 0 or 1.
+    Ties counted as half a win make its variance an upper bound: the interval errs wide."""
     n = wins + losses + ties
     if n == 0:
         return None, None
-    mean = (wins + 0.5 * ties) / n
-    if n == 1:
-        return round(mean, 4), [0.0, 1.0]
-    squares = wins * (1 - mean) ** 2 + ties * (0.5 - mean) ** 2 + losses * mean ** 2
-    half = Z_95 * math.sqrt(squares / (n - 1) / n)
-    return round(mean, 4), [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]
+    rate = (wins + 0.5 * ties) / n
+    z2 = Z_95 ** 2
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return round(rate, 4), [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def conclusion(pairs: int, interval: list[float] | None) -> str | None:
+    """Why the judged pairs cannot conclude which run is better, or None when they can."""
+    if interval is None:
+        return "no pair judged"
+    if pairs < MIN_PAIRS:
+        return f"too few pairs to conclude anything ({pairs} judged, fewer than {MIN_PAIRS})"
+    if interval[0] <= 0.5 <= interval[1]:
+        return "no difference shown: the interval contains 50%"
+    return None
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -203,7 +217,9 @@ def summary(result: dict[str, Any]) -> str:
         low, high = judge["ci95"]
         lines.append(f"  judge ({judge['model']}, both orders): A wins {judge['a_wins']}, B wins {judge['b_wins']}, "
                      f"ties {judge['ties']}, rejected {judge['rejected']}; win rate A {judge['win_rate_a']:.1%} "
-                     f"(95% CI {low:.1%} to {high:.1%}); {judge['calls']} judge calls")
+                     f"(95% CI {low:.1%} to {high:.1%}, Wilson); {judge['calls']} judge calls")
+        if judge["inconclusive"]:
+            lines.append(f"  not conclusive: {judge['inconclusive']}")
     if judge["cost"]:
         lines.append(f"  judge cost: {judge['cost']['total']:.4f}")
     return "\n".join(lines)
