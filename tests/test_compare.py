@@ -1,6 +1,7 @@
 """refed-ray compare on two fake-teacher runs, with a fake judge whose preferences the test sets."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -140,3 +141,23 @@ def test_the_interval_is_never_a_point_at_small_n():
     rate, (low, high) = win_rate(0, 2, 0)
     assert rate == 0.0 and low == 0.0 and high > 0.6
     assert win_rate(80, 20, 0)[1] == [0.7112, 0.8666]  # Wilson's, by hand
+
+
+def test_after_a_top_up_of_both_runs_only_the_new_pairs_are_judged(runs, tmp_path):
+    """Copies of A and B (their run ids kept), compared, then both topped up from 12 to 18
+    samples: the next compare judges the 6 new pairs only, and counts each pair once."""
+    from refed_ray.config import run_config
+
+    copies = [str(tmp_path / name) for name in ("a", "b")]
+    for run_output, copy in zip(runs, copies):
+        shutil.copytree(run_output, copy, ignore=shutil.ignore_patterns("compare"))
+    log = tmp_path / "calls.log"
+    config = judge_config(tmp_path / "judge.yaml", log, prefer_marker=MARK)
+    assert compare(*copies, config)["judge"]["judged"] == 12 and calls(log) == 24
+    for copy in copies:
+        grown = run_config(Storage(copy)).model_copy(update={"output": copy, "num_samples": 18})
+        assert run(grown)["delivered"] == 18
+    result = compare(*copies, config)
+    assert result["pairs"] == 18 and calls(log) == 24 + 12
+    judge = result["judge"]
+    assert judge["judged"] == 18 == judge["a_wins"] + judge["b_wins"] + judge["ties"]

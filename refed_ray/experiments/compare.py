@@ -10,7 +10,8 @@ What it writes, ``DIR/compare.json`` (default ``OUTPUT_A/compare/<name of B>/``)
 run's feedback calls, calls and tokens per sample by stage, cost, lengths and diversity (from its
 report.json and the paired rows), and the judge's result: wins, ties, A's win rate (a tie counts
 half) with its 95% Wilson score interval. The judge's calls are a pass of their own under DIR
-(``judge_pass.py``): a second compare of the same runs judges nothing again.
+(``judge_pass.py``): a second compare of the same runs judges nothing again, and after a top-up
+of either run only the new pairs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from refed_ray.experiments.judge_pass import (
     run_judge_pass,
 )
 from refed_ray.method.judge import STAGE
+from refed_ray.records.commits import read_run
 from refed_ray.records.stages import CALLING_STAGES
 from refed_ray.storage import Storage
 
@@ -52,7 +54,7 @@ def compare(output_a: str, output_b: str, judge_config: str | None = None, outpu
     reports = {"a": _read_report(run_a), "b": _read_report(run_b)}
     pairs, unmatched = paired_rows(run_a, run_b)
     root = Storage(output or default_output(run_a, run_b), judge.storage_options)
-    judged = {"a": _dataset_identity(run_a), "b": _dataset_identity(run_b)}
+    judged = {"a": _run_identity(run_a), "b": _run_identity(run_b)}
     committed = run_judge_pass(root, pairs, judge, judged, force_new=force_new)
 
     result = {
@@ -82,10 +84,10 @@ def _read_report(run: Storage) -> dict[str, Any]:
     return run.read_json("report.json")
 
 
-def _dataset_identity(run: Storage) -> dict[str, str]:
-    """What the pairs were read from: the run (its id) and its dataset generation (its digest)."""
-    run_json = run.read_json("run.json")
-    return {"output": run.uri, "run_id": run_json.get("run_id", ""), "dataset": read_manifest(run)["digest"]}
+def _run_identity(run: Storage) -> dict[str, str]:
+    """What the pairs are read from: the run (its id), not its dataset's generation, so that a
+    top-up keeps the verdicts of the pairs judged before (a pair's content is fixed within a run)."""
+    return {"output": run.uri, "run_id": read_run(run).get("run_id", "")}
 
 
 def read_delivered(run: Storage, columns: list[str]) -> pa.Table:

@@ -8,6 +8,11 @@ settings is refused there (or, with ``force_new``, starts afresh) rather than mi
 A pair is one row: ``pair_id``, ``unit_id``, ``sample_index``, ``instruction``, ``response_x``,
 ``response_y``. Its verdict row says which won (x, y or tie); a pair the judge could not decide
 is a reject of stage "judge".
+
+Verdicts are keyed and sharded by what they judge, the pair's id, never by the pair's position in
+a dataset: a pass judges only the pairs no commit of the root holds yet (``_pending_shards``), so
+after any change of the dataset (a top-up's units sorting first, a dedup dropping samples) only
+the new pairs are judged, and no pair twice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -198,7 +204,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
                          {"judged": judged, "judge": _redact(judge.model_dump(exclude={"storage_options"}))}, force_new)
     committed = CommitLog(root, passes=(STAGE,))
     committed.remove_leftovers()
-    blocks = _pending_shards(pairs, judge.workers.units_per_shard, set(committed.commits[STAGE]))
+    blocks = _pending_shards(pairs, judge.workers.units_per_shard, committed.ids(STAGE))
     if not blocks:
         return committed
     log.info("judge: %d shards of pairs to do (%d committed)", len(blocks), len(committed.commits[STAGE]))
@@ -210,15 +216,18 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     return committed
 
 
-def _pending_shards(pairs: pa.Table, size: int, done: set[str]) -> list[pa.Table]:
-    """The shards of ``pairs`` not committed yet, one table each. Shards are cut from the whole
-    pair list, so a resume cuts and names them as the first pass did."""
+def _pending_shards(pairs: pa.Table, size: int, judged: set[str]) -> list[pa.Table]:
+    """Shards of the pairs whose ids no commit holds (``judged``), one table each: the pending
+    pairs sorted by id and cut every ``size``. Only the last cut can be short, so a resume, whose
+    pending pairs lack only whole committed shards, cuts and names the rest as the first pass did;
+    pairs added later are shards of their own, and a judged pair is in none."""
+    judged_before = pc.is_in(pairs["pair_id"], value_set=pa.array(sorted(judged), pa.string()))
+    pending = pairs.filter(pc.invert(judged_before)).sort_by("pair_id").select(PAIR_COLUMNS)
     blocks = []
-    for start in range(0, pairs.num_rows, size):
-        shard = pairs.slice(start, size).select(PAIR_COLUMNS)
+    for start in range(0, pending.num_rows, size):
+        shard = pending.slice(start, size)
         name = commits.shard_name(STAGE, shard.column("pair_id").to_pylist())
-        if name not in done:
-            blocks.append(shard.append_column("shard", pa.array([name] * shard.num_rows, pa.string())))
+        blocks.append(shard.append_column("shard", pa.array([name] * shard.num_rows, pa.string())))
     return blocks
 
 
@@ -251,12 +260,17 @@ def _claim_root(root: Storage, fingerprint: dict[str, Any], settings: dict[str, 
 
 
 def read_verdicts(root: Storage, committed: CommitLog) -> pa.Table:
-    """``pair_id``, ``unit_id``, ``sample_index``, ``winner`` of every committed verdict."""
+    """``pair_id``, ``unit_id``, ``sample_index``, ``winner``: one committed verdict per pair (the
+    first in commit order where roots cut by position, before pairs were sharded by id, hold two)."""
     columns = ["pair_id", "unit_id", "sample_index", "winner"]
     tables = [root.read_table(name, columns=columns) for name in committed.files("data")]
     if not tables:
         return pa.table({c: pa.array([], pa.int64() if c == "sample_index" else pa.string()) for c in columns})
-    return pa.concat_tables(tables)
+    verdicts = pa.concat_tables(tables)
+    first: dict[str, int] = {}
+    for row, pair in enumerate(verdicts["pair_id"].to_pylist()):
+        first.setdefault(pair, row)
+    return verdicts.take(pa.array(sorted(first.values()), pa.int64()))
 
 
 def read_rejects(root: Storage, committed: CommitLog) -> pa.Table | None:
