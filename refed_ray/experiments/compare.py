@@ -12,11 +12,19 @@ report.json and the paired rows), and the judge's result: wins, ties, A's win ra
 half) with its 95% Wilson score interval. The judge's calls are a pass of their own under DIR
 (``judge_pass.py``): a second compare of the same runs judges nothing again, and after a top-up
 of either run only the new pairs.
+
+What it never touches: A and B. DIR is refused (exit 2, whatever the flags) when it is A or B,
+lies above either, lies inside either elsewhere than under its ``compare/`` folder, or holds a
+run, a dataset or selections; ``--force-new`` only ever discards an earlier judging in DIR.
+Paths are compared resolved (symlinks, ``..``), URIs normalised. Refused too, before any judge
+call: a run not finished or left mid ``--force-new``, the same run twice, and two runs with no
+pair to judge.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 from typing import Any
 
@@ -48,13 +56,18 @@ MIN_PAIRS = 30  # below it, a win rate is not read as a result whatever its inte
 
 def compare(output_a: str, output_b: str, judge_config: str | None = None, output: str | None = None,
             force_new: bool = False) -> dict[str, Any]:
-    run_a = Storage(output_a)
-    judge = judge_of_run(run_a, judge_config)
+    judge = judge_of_run(Storage(output_a), judge_config)
     run_a, run_b = Storage(output_a, judge.storage_options), Storage(output_b, judge.storage_options)
-    reports = {"a": _read_report(run_a), "b": _read_report(run_b)}
-    pairs, unmatched = paired_rows(run_a, run_b)
-    root = Storage(output or default_output(run_a, run_b), judge.storage_options)
     judged = {"a": _run_identity(run_a), "b": _run_identity(run_b)}
+    _refuse_the_same_run(run_a, run_b, judged)
+    reports = {"a": _read_report(run_a), "b": _read_report(run_b)}
+    root = Storage(output or default_output(run_a, run_b), judge.storage_options)
+    _refuse_output_over_runs(root, {"A": run_a, "B": run_b})
+    pairs, unmatched = paired_rows(run_a, run_b)
+    if not pairs.num_rows:
+        raise UserError(f"{run_a.uri} and {run_b.uri} have no pair to judge ({unmatched['only_a']} samples only in "
+                        f"A, {unmatched['only_b']} only in B, {unmatched['different_instruction']} with different "
+                        "instructions): make B with --instructions-from OUTPUT_A")
     committed = run_judge_pass(root, pairs, judge, judged, force_new=force_new)
 
     result = {
@@ -75,7 +88,42 @@ def compare(output_a: str, output_b: str, judge_config: str | None = None, outpu
 
 
 def default_output(run_a: Storage, run_b: Storage) -> str:
-    return f"{run_a.uri}/compare/{posixpath.basename(run_b.uri)}"
+    """OUTPUT_A/compare/<name of B>, B's name read from its resolved path (``B/x/..`` is named B)."""
+    return f"{run_a.uri}/compare/{posixpath.basename(location(run_b)[1])}"
+
+
+def location(storage: Storage) -> tuple[str, str]:
+    """Where ``storage`` is, to compare folders: its protocol and its path, resolved on this
+    machine (symlinks, ``..``), normalised on object stores."""
+    protocol = storage.fs.protocol if isinstance(storage.fs.protocol, str) else storage.fs.protocol[0]
+    path = os.path.realpath(storage.root) if storage.is_local else posixpath.normpath(storage.root)
+    return protocol, path
+
+
+def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it."""
+    return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
+
+
+def _refuse_output_over_runs(root: Storage, runs: dict[str, Storage]) -> None:
+    """compare writes and, with --force-new, deletes in ``root``: never over a run it reads."""
+    where = location(root)
+    for side, run in runs.items():
+        there = location(run)
+        if _within(there, where):
+            raise UserError(f"--output {root.uri} is run {side} ({run.uri}) or a folder above it: compare never "
+                            "writes there; choose a folder of its own (default OUTPUT_A/compare/<name of B>)")
+        compares = (there[0], posixpath.join(there[1], "compare"))
+        if _within(where, there) and not (_within(where, compares) and where != compares):
+            raise UserError(f"--output {root.uri} lies inside run {side} ({run.uri}): compare writes there only "
+                            f"under its compare/ folder, e.g. {run.uri}/compare/NAME")
+
+
+def _refuse_the_same_run(run_a: Storage, run_b: Storage, judged: dict[str, dict[str, str]]) -> None:
+    same_id = judged["a"]["run_id"] and judged["a"]["run_id"] == judged["b"]["run_id"]  # a copy of A is A
+    if location(run_a) == location(run_b) or same_id:
+        raise UserError(f"{run_a.uri} and {run_b.uri} are the same run (run {judged['a']['run_id']}): "
+                        "compare two runs, e.g. B made with --instructions-from OUTPUT_A")
 
 
 def _read_report(run: Storage) -> dict[str, Any]:
@@ -86,8 +134,9 @@ def _read_report(run: Storage) -> dict[str, Any]:
 
 def _run_identity(run: Storage) -> dict[str, str]:
     """What the pairs are read from: the run (its id), not its dataset's generation, so that a
-    top-up keeps the verdicts of the pairs judged before (a pair's content is fixed within a run)."""
-    return {"output": run.uri, "run_id": read_run(run).get("run_id", "")}
+    top-up keeps the verdicts of the pairs judged before (a pair's content is fixed within a run).
+    Refuses a folder holding no run, a judge's, or a run left in the middle of --force-new."""
+    return {"output": "://".join(location(run)), "run_id": read_run(run).get("run_id", "")}
 
 
 def read_delivered(run: Storage, columns: list[str]) -> pa.Table:

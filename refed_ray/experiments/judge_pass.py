@@ -236,7 +236,8 @@ def _claim_root(root: Storage, fingerprint: dict[str, Any], settings: dict[str, 
     for a fresh (or ``force_new``) root. Another fingerprint is refused, naming what differs."""
     root.check_writable()
     if root.exists(commits.RUN_FILE):
-        previous = root.read_json(commits.RUN_FILE)
+        previous = commits.read_run_file(root)
+        _refuse_a_run(root, previous)
         if force_new:
             for name in KNOWN:
                 if name != commits.RUN_FILE and root.exists(name):
@@ -257,6 +258,14 @@ def _claim_root(root: Storage, fingerprint: dict[str, Any], settings: dict[str, 
     run_id = uuid.uuid4().hex[:16]
     root.write_json(commits.RUN_FILE, {"run_id": run_id, "fingerprint": fingerprint, "settings": settings})
     return run_id
+
+
+def _refuse_a_run(root: Storage, previous: dict) -> None:
+    """A judge root is only ever a judging's folder: a run, its dataset or its selections are never
+    written into nor discarded, whatever the flags."""
+    if not commits.is_judging(previous) or root.exists("dataset") or root.exists("selected"):
+        raise UserError(f"{root.uri} holds a refed-ray run (its {commits.RUN_FILE}, dataset or selections), not a "
+                        "judge's verdicts: verdicts never go there, even with --force-new; choose another --output")
 
 
 def read_verdicts(root: Storage, committed: CommitLog) -> pa.Table:
