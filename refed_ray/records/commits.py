@@ -127,7 +127,7 @@ def read_run(storage: Storage, discarding_ok: bool = False) -> dict:
     run = read_run_file(storage)
     if is_judging(run):
         raise UserError(f"{storage.uri} holds a judge's verdicts (a compare's or a selection's), not a "
-                        "refed-ray run: name the run's OUTPUT")
+                        "refed-ray run: name a run's OUTPUT (or, for a new run, an empty folder)")
     if not discarding_ok:
         run_id_of(storage.uri, run)
     if not isinstance(run.get("config"), dict):
