@@ -28,6 +28,36 @@ def main(argv: list[str] | None = None) -> int:
     except RunShort as err:
         print(f"refed-ray: short: {err}", file=sys.stderr)
         return 4
+    except Exception as err:
+        if args.debug or not _credentials_missing(err):
+            raise
+        where = ", ".join(_uris(args)) or "the output"
+        print(f"refed-ray: error: no credentials to read or write {where} ({type(err).__name__}: {err}): "
+              "set the store's credentials (e.g. AWS_ACCESS_KEY_ID) or storage_options in --config",
+              file=sys.stderr)
+        return 2
+
+
+# What object stores' clients raise without credentials (botocore, google-auth), named rather
+# than imported: an installation may lack either. The storage layer lets them through (fsspec
+# back ends raise them from any call), so the command turns them into a user error here.
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+
+
+def _credentials_missing(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in _CREDENTIAL_ERRORS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _uris(args: argparse.Namespace) -> list[str]:
+    """The locations a command was given (its OUTPUTs), for a message about reaching them."""
+    return [getattr(args, name) for name in ("output", "output_a", "output_b", "seeds")
+            if isinstance(getattr(args, name, None), str)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from refed_ray.engines.config import EngineConfig
 from refed_ray.errors import UserError
-from refed_ray.records.commits import RUN_FILE
+from refed_ray.records.commits import RUN_FILE, read_run
 from refed_ray.storage import Storage
 
 
@@ -317,6 +317,6 @@ def format_validation_error(err: ValidationError, where: str) -> str:
 def run_config(storage: Storage) -> RunConfig:
     """The config of the run in OUTPUT (run.json's, secrets masked)."""
     try:
-        return RunConfig.model_validate(storage.read_json(RUN_FILE)["config"])
+        return RunConfig.model_validate(read_run(storage)["config"])
     except ValidationError as err:
         raise UserError(format_validation_error(err, f"{storage.uri}/{RUN_FILE}")) from None

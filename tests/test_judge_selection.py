@@ -1,10 +1,15 @@
 """Selection by judge: a sample is kept when the judge prefers its improved response in both orders."""
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from refed_ray.cli import main
 from refed_ray.config import RunConfig
+from refed_ray.experiments.select import select
 from refed_ray.experiments.selections.judge import SelectionContext, judge_improvements
 from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
@@ -112,3 +117,37 @@ def test_select_judge_writes_a_selection_with_its_judge_calls_counted_and_resume
     assert len(log.read_text().splitlines()) == 24  # no new judge call
     path, rows = export(config.output, "jsonl", selection="judge-3")
     assert rows == summary["kept"] and path.endswith("export/judge-3/jsonl.jsonl")
+
+
+def verdict_rows(selection: Storage) -> list[str]:
+    """The pair ids of every verdict file under the selection's judge roots, duplicates included."""
+    root = Path(selection.uri) / "judge"
+    return [p for f in sorted(root.glob("*/data/*.parquet")) for p in pq.read_table(f)["pair_id"].to_pylist()]
+
+
+def test_a_top_up_judges_only_the_new_samples(tmp_path, capsys):
+    """12 samples judged, 6 added by a top-up (their units may sort anywhere in the dataset): the
+    next selection judges the 6 new samples only, and holds one verdict per sample."""
+    config = RunConfig.model_validate({
+        "seeds": str(write_jsonl(tmp_path / "seeds.jsonl", pairs(3))), "output": str(tmp_path / "out"),
+        "num_samples": 12, "instructions_per_aspect": 3, "max_extra_units": 0,
+        "engine": {"kind": "custom", "class_path": "tests.fake_judge:MarkedTeacher",
+                   "engine_kwargs": {"marks": {"Refinement": 2}}},
+        "workers": {"num_engines": 1, "units_per_shard": 2},
+    })
+    assert run(config)["delivered"] == 12
+    log = tmp_path / "calls.log"
+    judge = context(config, tmp_path, log, prefer_marker=MARK).judge_config
+    selection = Storage(f"{config.output}/selected/judge-30")
+
+    # Settings a judge refuses are refused before anything is judged or written.
+    assert main(["select", config.output, "--method", "judge", "--size", "30", "--seed", "-1"]) == 2
+    assert "seed: Input should be greater than or equal to 0" in capsys.readouterr().err
+    assert not Path(selection.uri).exists()
+
+    assert select(config.output, "judge", 30, judge_config=judge)["stats"]["calls"] == 24
+    assert run(config.model_copy(update={"num_samples": 18}))["delivered"] == 18
+    summary = select(config.output, "judge", 30, judge_config=judge)
+    assert summary["samples"] == 18 and len(log.read_text().splitlines()) == 24 + 12
+    ids = verdict_rows(selection)
+    assert len(ids) == len(set(ids)) == 18

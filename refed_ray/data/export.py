@@ -109,12 +109,11 @@ def export(
 def up_to_date_dataset(storage: Storage, file_mb: int | None = None) -> dict:
     """OUTPUT/dataset brought up to date with the settings the run recorded (its filters'
     commits, then the compaction); returns its manifest. Starts Ray when it is not running."""
-    if not storage.exists("run.json"):
-        raise UserError(f"{storage.uri} holds no refed-ray run (no run.json)")
-    log = CommitLog(storage)  # refuses an output whose --force-new was interrupted, before Ray starts
+    # Before Ray starts: refuses a folder without a run's run.json, or one whose --force-new was interrupted.
+    config = run_config(storage)
+    log = CommitLog(storage)
     if not ray.is_initialized():
         ray.init()
-    config = run_config(storage)
     apply_filters(storage, log, config)
     return compact_dataset(storage, log, file_mb or config.dataset_file_mb, max_rows=config.num_samples,
                            drops=dropped_keys(storage, log, config))

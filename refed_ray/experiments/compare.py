@@ -9,13 +9,22 @@ answers to two questions says nothing.
 What it writes, ``DIR/compare.json`` (default ``OUTPUT_A/compare/<name of B>/``): the pairs, each
 run's feedback calls, calls and tokens per sample by stage, cost, lengths and diversity (from its
 report.json and the paired rows), and the judge's result: wins, ties, A's win rate (a tie counts
-half) with a 95% confidence interval. The judge's calls are a pass of their own under DIR
-(``judge_pass.py``): a second compare of the same runs judges nothing again.
+half) with its 95% Wilson score interval. The judge's calls are a pass of their own under DIR
+(``judge_pass.py``): a second compare of the same runs judges nothing again, and after a top-up
+of either run only the new pairs.
+
+What it never touches: A and B. DIR is refused (exit 2, whatever the flags) when it is A or B,
+lies above either, lies inside either elsewhere than under its ``compare/`` folder, or holds a
+run, a dataset or selections; ``--force-new`` only ever discards an earlier judging in DIR.
+Paths are compared resolved (symlinks, ``..``), URIs normalised. Refused too, before any judge
+call: a run not finished or left mid ``--force-new``, the same run twice, and two runs with no
+pair to judge.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 from typing import Any
 
@@ -35,23 +44,30 @@ from refed_ray.experiments.judge_pass import (
     run_judge_pass,
 )
 from refed_ray.method.judge import STAGE
+from refed_ray.records.commits import read_run
 from refed_ray.records.stages import CALLING_STAGES
 from refed_ray.storage import Storage
 
 RESULT = "compare.json"
 ROW_COLUMNS = ["unit_id", "sample_index", "instruction", "improved_response"]
 Z_95 = 1.959964
+MIN_PAIRS = 30  # below it, a win rate is not read as a result whatever its interval
 
 
 def compare(output_a: str, output_b: str, judge_config: str | None = None, output: str | None = None,
             force_new: bool = False) -> dict[str, Any]:
-    run_a = Storage(output_a)
-    judge = judge_of_run(run_a, judge_config)
+    judge = judge_of_run(Storage(output_a), judge_config)
     run_a, run_b = Storage(output_a, judge.storage_options), Storage(output_b, judge.storage_options)
+    judged = {"a": _run_identity(run_a), "b": _run_identity(run_b)}
+    _refuse_the_same_run(run_a, run_b, judged)
     reports = {"a": _read_report(run_a), "b": _read_report(run_b)}
-    pairs, unmatched = paired_rows(run_a, run_b)
     root = Storage(output or default_output(run_a, run_b), judge.storage_options)
-    judged = {"a": _dataset_identity(run_a), "b": _dataset_identity(run_b)}
+    _refuse_output_over_runs(root, {"A": run_a, "B": run_b})
+    pairs, unmatched = paired_rows(run_a, run_b)
+    if not pairs.num_rows:
+        raise UserError(f"{run_a.uri} and {run_b.uri} have no pair to judge ({unmatched['only_a']} samples only in "
+                        f"A, {unmatched['only_b']} only in B, {unmatched['different_instruction']} with different "
+                        "instructions): make B with --instructions-from OUTPUT_A")
     committed = run_judge_pass(root, pairs, judge, judged, force_new=force_new)
 
     result = {
@@ -72,7 +88,42 @@ def compare(output_a: str, output_b: str, judge_config: str | None = None, outpu
 
 
 def default_output(run_a: Storage, run_b: Storage) -> str:
-    return f"{run_a.uri}/compare/{posixpath.basename(run_b.uri)}"
+    """OUTPUT_A/compare/<name of B>, B's name read from its resolved path (``B/x/..`` is named B)."""
+    return f"{run_a.uri}/compare/{posixpath.basename(location(run_b)[1])}"
+
+
+def location(storage: Storage) -> tuple[str, str]:
+    """Where ``storage`` is, to compare folders: its protocol and its path, resolved on this
+    machine (symlinks, ``..``), normalised on object stores."""
+    protocol = storage.fs.protocol if isinstance(storage.fs.protocol, str) else storage.fs.protocol[0]
+    path = os.path.realpath(storage.root) if storage.is_local else posixpath.normpath(storage.root)
+    return protocol, path
+
+
+def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it."""
+    return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
+
+
+def _refuse_output_over_runs(root: Storage, runs: dict[str, Storage]) -> None:
+    """compare writes and, with --force-new, deletes in ``root``: never over a run it reads."""
+    where = location(root)
+    for side, run in runs.items():
+        there = location(run)
+        if _within(there, where):
+            raise UserError(f"--output {root.uri} is run {side} ({run.uri}) or a folder above it: compare never "
+                            "writes there; choose a folder of its own (default OUTPUT_A/compare/<name of B>)")
+        compares = (there[0], posixpath.join(there[1], "compare"))
+        if _within(where, there) and not (_within(where, compares) and where != compares):
+            raise UserError(f"--output {root.uri} lies inside run {side} ({run.uri}): compare writes there only "
+                            f"under its compare/ folder, e.g. {run.uri}/compare/NAME")
+
+
+def _refuse_the_same_run(run_a: Storage, run_b: Storage, judged: dict[str, dict[str, str]]) -> None:
+    same_id = judged["a"]["run_id"] and judged["a"]["run_id"] == judged["b"]["run_id"]  # a copy of A is A
+    if location(run_a) == location(run_b) or same_id:
+        raise UserError(f"{run_a.uri} and {run_b.uri} are the same run (run {judged['a']['run_id']}): "
+                        "compare two runs, e.g. B made with --instructions-from OUTPUT_A")
 
 
 def _read_report(run: Storage) -> dict[str, Any]:
@@ -81,10 +132,11 @@ def _read_report(run: Storage) -> dict[str, Any]:
     return run.read_json("report.json")
 
 
-def _dataset_identity(run: Storage) -> dict[str, str]:
-    """What the pairs were read from: the run (its id) and its dataset generation (its digest)."""
-    run_json = run.read_json("run.json")
-    return {"output": run.uri, "run_id": run_json.get("run_id", ""), "dataset": read_manifest(run)["digest"]}
+def _run_identity(run: Storage) -> dict[str, str]:
+    """What the pairs are read from: the run (its id), not its dataset's generation, so that a
+    top-up keeps the verdicts of the pairs judged before (a pair's content is fixed within a run).
+    Refuses a folder holding no run, a judge's, or a run left in the middle of --force-new."""
+    return {"output": "://".join(location(run)), "run_id": read_run(run).get("run_id", "")}
 
 
 def read_delivered(run: Storage, columns: list[str]) -> pa.Table:
@@ -162,23 +214,36 @@ def judge_result(root: Storage, committed, judge: JudgeConfig, pair_ids: set[str
         "reject_reasons": stats.reject_reasons,
         "win_rate_a": rate,
         "ci95": interval,
-        "ci_method": "normal approximation on per-pair scores (A win 1, tie 0.5, B win 0), clipped to [0, 1]",
+        "ci_method": "Wilson score interval of the win rate, a tie counted as half a win",
+        "inconclusive": conclusion(len(winners), interval),
         **judge_counts(root, committed, judge),
     }
 
 
 def win_rate(wins: int, losses: int, ties: int) -> tuple[float | None, list[float] | None]:
-    """The mean per-pair score (win 1, tie 0.5, loss 0) and its 95% interval by the normal
-    approximation (sample standard deviation), clipped to [0, 1]; None without pairs."""
+    """A's win rate (a tie counts half) and its 95% Wilson score interval, None without pairs.
+    Wilson, not the normal approximation: that one gives an interval of zero width when every
+    pair goes one way (2 of 2: "100% to 100%"); Wilson's stays honest at small n and at 0 or 1.
+    Ties counted as half a win make its variance an upper bound: the interval errs wide."""
     n = wins + losses + ties
     if n == 0:
         return None, None
-    mean = (wins + 0.5 * ties) / n
-    if n == 1:
-        return round(mean, 4), [0.0, 1.0]
-    squares = wins * (1 - mean) ** 2 + ties * (0.5 - mean) ** 2 + losses * mean ** 2
-    half = Z_95 * math.sqrt(squares / (n - 1) / n)
-    return round(mean, 4), [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]
+    rate = (wins + 0.5 * ties) / n
+    z2 = Z_95 ** 2
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return round(rate, 4), [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def conclusion(pairs: int, interval: list[float] | None) -> str | None:
+    """Why the judged pairs cannot conclude which run is better, or None when they can."""
+    if interval is None:
+        return "no pair judged"
+    if pairs < MIN_PAIRS:
+        return f"too few pairs to conclude anything ({pairs} judged, fewer than {MIN_PAIRS})"
+    if interval[0] <= 0.5 <= interval[1]:
+        return "no difference shown: the interval contains 50%"
+    return None
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -203,7 +268,9 @@ def summary(result: dict[str, Any]) -> str:
         low, high = judge["ci95"]
         lines.append(f"  judge ({judge['model']}, both orders): A wins {judge['a_wins']}, B wins {judge['b_wins']}, "
                      f"ties {judge['ties']}, rejected {judge['rejected']}; win rate A {judge['win_rate_a']:.1%} "
-                     f"(95% CI {low:.1%} to {high:.1%}); {judge['calls']} judge calls")
+                     f"(95% CI {low:.1%} to {high:.1%}, Wilson); {judge['calls']} judge calls")
+        if judge["inconclusive"]:
+            lines.append(f"  not conclusive: {judge['inconclusive']}")
     if judge["cost"]:
         lines.append(f"  judge cost: {judge['cost']['total']:.4f}")
     return "\n".join(lines)

@@ -8,6 +8,11 @@ settings is refused there (or, with ``force_new``, starts afresh) rather than mi
 A pair is one row: ``pair_id``, ``unit_id``, ``sample_index``, ``instruction``, ``response_x``,
 ``response_y``. Its verdict row says which won (x, y or tie); a pair the judge could not decide
 is a reject of stage "judge".
+
+Verdicts are keyed and sharded by what they judge, the pair's id, never by the pair's position in
+a dataset: a pass judges only the pairs no commit of the root holds yet (``_pending_shards``), so
+after any change of the dataset (a top-up's units sorting first, a dedup dropping samples) only
+the new pairs are judged, and no pair twice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -89,6 +95,10 @@ def load_judge_config(path: str) -> JudgeConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError(f"judge config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"judge config {path} is a directory: name its YAML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"judge config file {path} cannot be read: {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"judge config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict) or "engine" not in data:
@@ -97,6 +107,18 @@ def load_judge_config(path: str) -> JudgeConfig:
         return JudgeConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(err, path)) from None
+
+
+def check_judge_settings(judge_config: str | None, seed: int | None) -> None:
+    """A command's judge settings, checked before Ray starts or anything is written (an invalid
+    seed would otherwise fail inside the engine actors, after the judge root was claimed)."""
+    if judge_config:
+        load_judge_config(judge_config)
+    if seed is not None:
+        try:
+            JudgeSampling(seed=seed)
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, "--seed")) from None
 
 
 def judge_of_run(run: Storage, judge_config: str | None) -> JudgeConfig:
@@ -182,7 +204,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
                          {"judged": judged, "judge": _redact(judge.model_dump(exclude={"storage_options"}))}, force_new)
     committed = CommitLog(root, passes=(STAGE,))
     committed.remove_leftovers()
-    blocks = _pending_shards(pairs, judge.workers.units_per_shard, set(committed.commits[STAGE]))
+    blocks = _pending_shards(pairs, judge.workers.units_per_shard, committed.ids(STAGE))
     if not blocks:
         return committed
     log.info("judge: %d shards of pairs to do (%d committed)", len(blocks), len(committed.commits[STAGE]))
@@ -194,15 +216,18 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     return committed
 
 
-def _pending_shards(pairs: pa.Table, size: int, done: set[str]) -> list[pa.Table]:
-    """The shards of ``pairs`` not committed yet, one table each. Shards are cut from the whole
-    pair list, so a resume cuts and names them as the first pass did."""
+def _pending_shards(pairs: pa.Table, size: int, judged: set[str]) -> list[pa.Table]:
+    """Shards of the pairs whose ids no commit holds (``judged``), one table each: the pending
+    pairs sorted by id and cut every ``size``. Only the last cut can be short, so a resume, whose
+    pending pairs lack only whole committed shards, cuts and names the rest as the first pass did;
+    pairs added later are shards of their own, and a judged pair is in none."""
+    judged_before = pc.is_in(pairs["pair_id"], value_set=pa.array(sorted(judged), pa.string()))
+    pending = pairs.filter(pc.invert(judged_before)).sort_by("pair_id").select(PAIR_COLUMNS)
     blocks = []
-    for start in range(0, pairs.num_rows, size):
-        shard = pairs.slice(start, size).select(PAIR_COLUMNS)
+    for start in range(0, pending.num_rows, size):
+        shard = pending.slice(start, size)
         name = commits.shard_name(STAGE, shard.column("pair_id").to_pylist())
-        if name not in done:
-            blocks.append(shard.append_column("shard", pa.array([name] * shard.num_rows, pa.string())))
+        blocks.append(shard.append_column("shard", pa.array([name] * shard.num_rows, pa.string())))
     return blocks
 
 
@@ -211,7 +236,8 @@ def _claim_root(root: Storage, fingerprint: dict[str, Any], settings: dict[str, 
     for a fresh (or ``force_new``) root. Another fingerprint is refused, naming what differs."""
     root.check_writable()
     if root.exists(commits.RUN_FILE):
-        previous = root.read_json(commits.RUN_FILE)
+        previous = commits.read_run_file(root)
+        _refuse_a_run(root, previous)
         if force_new:
             for name in KNOWN:
                 if name != commits.RUN_FILE and root.exists(name):
@@ -234,13 +260,26 @@ def _claim_root(root: Storage, fingerprint: dict[str, Any], settings: dict[str, 
     return run_id
 
 
+def _refuse_a_run(root: Storage, previous: dict) -> None:
+    """A judge root is only ever a judging's folder: a run, its dataset or its selections are never
+    written into nor discarded, whatever the flags."""
+    if not commits.is_judging(previous) or root.exists("dataset") or root.exists("selected"):
+        raise UserError(f"{root.uri} holds a refed-ray run (its {commits.RUN_FILE}, dataset or selections), not a "
+                        "judge's verdicts: verdicts never go there, even with --force-new; choose another --output")
+
+
 def read_verdicts(root: Storage, committed: CommitLog) -> pa.Table:
-    """``pair_id``, ``unit_id``, ``sample_index``, ``winner`` of every committed verdict."""
+    """``pair_id``, ``unit_id``, ``sample_index``, ``winner``: one committed verdict per pair (the
+    first in commit order where roots cut by position, before pairs were sharded by id, hold two)."""
     columns = ["pair_id", "unit_id", "sample_index", "winner"]
     tables = [root.read_table(name, columns=columns) for name in committed.files("data")]
     if not tables:
         return pa.table({c: pa.array([], pa.int64() if c == "sample_index" else pa.string()) for c in columns})
-    return pa.concat_tables(tables)
+    verdicts = pa.concat_tables(tables)
+    first: dict[str, int] = {}
+    for row, pair in enumerate(verdicts["pair_id"].to_pylist()):
+        first.setdefault(pair, row)
+    return verdicts.take(pa.array(sorted(first.values()), pa.int64()))
 
 
 def read_rejects(root: Storage, committed: CommitLog) -> pa.Table | None:

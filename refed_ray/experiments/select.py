@@ -49,6 +49,7 @@ from refed_ray.data.dataset import (
 from refed_ray.data.export import up_to_date_dataset
 from refed_ray.data.selected import selection_folder
 from refed_ray.errors import UserError
+from refed_ray.experiments.judge_pass import check_judge_settings
 from refed_ray.experiments.selections.decisions import DECISIONS, SelectionContext
 from refed_ray.records.models import Sample, arrow_schema
 from refed_ray.storage import Storage
@@ -90,6 +91,8 @@ def select(output: str, method: str, size: int, threshold: float | None = None, 
     if size < 1:
         raise UserError(f"--size must be at least 1 (got {size})")
     decide = _load(method, spec)
+    if spec.judged:  # before Ray starts and anything is written
+        check_judge_settings(judge_config, seed)
     storage = Storage(output, storage_options)
     dataset = up_to_date_dataset(storage)
     config = run_config(storage)

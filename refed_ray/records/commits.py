@@ -97,7 +97,43 @@ def shard_name(pass_name: str, ids: list[str]) -> str:
 
 def current_run_id(storage: Storage) -> str:
     """The id of the run that owns OUTPUT: the only run whose commits count."""
-    return run_id_of(storage.uri, storage.read_json(RUN_FILE)) if storage.exists(RUN_FILE) else ""
+    return run_id_of(storage.uri, read_run_file(storage)) if storage.exists(RUN_FILE) else ""
+
+
+def read_run_file(storage: Storage) -> dict:
+    """``run.json`` of ``storage`` (a run's OUTPUT or a judge root) as a JSON object; a missing,
+    unreadable or hand-broken one is the user's to fix, named, not a traceback."""
+    where = f"{storage.uri}/{RUN_FILE}"
+    if not storage.exists(RUN_FILE):
+        raise UserError(f"{storage.uri} holds no refed-ray run ({RUN_FILE})")
+    try:
+        value = storage.read_json(RUN_FILE)
+    except (ValueError, UnicodeDecodeError) as err:  # truncated or not JSON at all
+        raise UserError(f"{where} is not valid JSON ({err}): it was not written by refed-ray, or was cut") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where} holds {type(value).__name__}, not refed-ray's run record (a JSON object)")
+    return value
+
+
+def is_judging(run: dict) -> bool:
+    """Whether a run.json is a judge root's (a compare's or a selection's verdicts), not a run's."""
+    return "config" not in run and "judge" in (run.get("fingerprint") or {})
+
+
+def read_run(storage: Storage, discarding_ok: bool = False) -> dict:
+    """The run.json of the run in OUTPUT, checked: a run's (it has its ``config``), and no
+    interrupted ``--force-new`` (unless ``discarding_ok``: the one that completes it). Every
+    command that reads a run starts here."""
+    run = read_run_file(storage)
+    if is_judging(run):
+        raise UserError(f"{storage.uri} holds a judge's verdicts (a compare's or a selection's), not a "
+                        "refed-ray run: name a run's OUTPUT (or, for a new run, an empty folder)")
+    if not discarding_ok:
+        run_id_of(storage.uri, run)
+    if not isinstance(run.get("config"), dict):
+        raise UserError(f"{storage.uri}/{RUN_FILE} lacks the run's config: it was not written by refed-ray "
+                        "(or was edited); rerun into a new --output")
+    return run
 
 
 def run_id_of(uri: str, run: dict) -> str:

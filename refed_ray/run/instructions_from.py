@@ -49,7 +49,7 @@ def read_earlier_run(config: RunConfig, reference_digest: str, output_uri: str) 
         raise UserError(f"{FLAG} {storage.uri} is this run's own --output: name the earlier run's OUTPUT")
     if not storage.exists(commits.RUN_FILE):
         raise UserError(f"{FLAG} {storage.uri} holds no refed-ray run ({commits.RUN_FILE})")
-    earlier = storage.read_json(commits.RUN_FILE)
+    earlier = commits.read_run(storage)
     run_id = commits.run_id_of(storage.uri, earlier)
     _refuse_another_plan(storage.uri, earlier, config, reference_digest)
     committed = CommitLog(storage, run_id)

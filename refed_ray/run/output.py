@@ -48,9 +48,10 @@ def check_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str
     compatible earlier run to resume. ``force_new`` discards an earlier run, never a folder
     that holds something else."""
     if storage.exists(RUN_FILE):
+        # A run's run.json, even for --force-new: a judge's verdicts or a broken file are not
+        # discarded (a plain rerun also refuses a half-done discard).
+        previous = commits.read_run(storage, discarding_ok=force_new)
         if not force_new:
-            previous = storage.read_json(RUN_FILE)
-            commits.run_id_of(storage.uri, previous)  # refuses a half-done discard
             check_resume(storage, previous, fingerprint, config.num_samples)
         return not force_new
     if not storage.is_empty():
@@ -64,7 +65,7 @@ def start_output(storage: Storage, config: RunConfig, fingerprint: dict[str, str
     """Claim OUTPUT for this run (after ``check_output``): discard an earlier run if asked, and
     record this run's fingerprint for the next resume to check. Returns the run's id: the earlier
     run's on a resume, a new one otherwise."""
-    previous = storage.read_json(RUN_FILE) if storage.exists(RUN_FILE) else None
+    previous = commits.read_run(storage, discarding_ok=True) if storage.exists(RUN_FILE) else None
     if force_new and previous is not None:
         discard(storage, previous)
         previous = None
