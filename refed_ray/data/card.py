@@ -176,10 +176,13 @@ def _how_to_load(storage: Storage) -> str:
     """The readers of README's "Reading the dataset": the card's folder for Hugging Face, its
     ``data/`` folder for Parquet readers (the card beside the data is no Parquet file)."""
     folder = storage.path("dataset") if storage.is_local else storage.full_uri("dataset")
+    # A local folder loads through the card; `datasets` takes a remote one as a Hub id, so its data_dir.
+    hf = (f'load_dataset("{folder}", split="train")  # through this card\'s `configs`' if storage.is_local
+          else f'load_dataset("parquet", data_dir="{folder}/data", split="train")')
     return f"""```python
 from datasets import load_dataset
 
-data = load_dataset("{folder}", split="train")  # through this card's `configs`
+data = {hf}
 # once uploaded to the Hub:
 # data = load_dataset("YOUR-NAME/YOUR-DATASET", split="train")
 ```
