@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/refed-ray run --config jobs/demo.yaml --output output/demo
 	$(VENV)/bin/refed-ray export output/demo --format refed-json
 	$(VENV)/bin/refed-ray report output/demo
-	@echo "Dataset: output/demo/dataset/ (Parquet), report: output/demo/report.json, REFED JSON: output/demo/export/refed-json.json"
+	@echo "Dataset: output/demo/dataset/data/ (Parquet; Hugging Face: output/demo/dataset), report: output/demo/report.json, REFED JSON: output/demo/export/refed-json.json"
 
 # The layering first (seconds): a knotted import graph fails before the suite runs.
 test: install

@@ -13,6 +13,8 @@ contracts, checked by ``make test``)::
     config.py       the run configuration (pydantic), loaded from YAML and from run.json
     engines/        teacher engines and their registry of kinds
     records/        record models, stage names, counters, the commit protocol, the plan
+    cluster.py      joining Ray: the one ray.init of every command
     storage.py      file I/O on any fsspec URI
+    secrets.py      credentials masked, by name and by shape, wherever anything is written
     errors.py       errors a user can fix
 """

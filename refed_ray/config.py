@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from refed_ray.engines.config import EngineConfig
 from refed_ray.errors import UserError
 from refed_ray.records.commits import RUN_FILE, read_run
+from refed_ray.secrets import is_secret_name, mask_text, mask_value
 from refed_ray.storage import Storage
 
 
@@ -229,8 +230,8 @@ class RunConfig(_Section):
 
 
     def public_dump(self) -> dict[str, Any]:
-        """The config as written to run.json and report.json: secret-looking values masked."""
-        return _redact(self.model_dump())
+        """The config as written to run.json and report.json: credentials masked (``secrets.py``)."""
+        return mask_value(self.model_dump())
 
 
 # Engine settings that change the replies, and so must match on resume. Credentials, memory,
@@ -242,23 +243,6 @@ _REPLY_SHAPING_ENGINE_FIELDS = {
     "engine_kwargs": True,
     "api": {"api_base": True, "json_schema": True},
 }
-
-
-def is_secret_name(name: object) -> bool:
-    """Keys whose values are credentials (s3fs ``key``/``secret``, ``api_key``, ``session_token``,
-    ``aws_secret_access_key``, ...), not ones that merely mention them (``api_key_env``, ``max_tokens``)."""
-    name = str(name).lower()
-    return name in {"key", "secret", "token", "password", "credentials"} or name.endswith(
-        ("_key", "_secret", "_token", "_password", "secret_access_key", "_credentials")
-    )
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "***" if is_secret_name(k) and v else _redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
 
 
 def _digest(value: Any) -> str:
@@ -309,7 +293,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
         # No value to show when missing; never one that may be a credential (a secret field, or
         # an unknown key: perhaps a misspelt secret).
         hidden = problem["type"] in ("missing", "extra_forbidden") or any(map(is_secret_name, problem["loc"]))
-        got = "" if hidden else f" (got {problem.get('input')!r})"
+        got = "" if hidden else f" (got {mask_text(repr(problem.get('input')))})"
         lines.append(f"  {field}: {message}{got}")
     return "\n".join(lines)
 

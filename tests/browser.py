@@ -2,7 +2,7 @@
 
 ``open_page`` loads a copy of a page with two probe scripts added (allowed by its CSP through
 their hashes): one first in <head> records script errors, console errors and CSP violations,
-one measures every chart canvas once the page says it is ready (or an error came); the DOM is then dumped with the probe's findings.
+one measures every chart canvas (pixels painted, labels drawn) once the page says it is ready (or an error came); the DOM is then dumped with the probe's findings.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ function measure(tries) {
     const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
     let painted = 0;
     for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) painted++;
-    return {name: canvas.dataset.chartCanvas, painted};
+    // The labels Chart.js drew (a wrapped label is an array of lines): text a canvas holds as pixels.
+    const chart = window.Chart && Chart.getChart(canvas);
+    const labels = chart ? (chart.data.labels || []).map((label) => [].concat(label).join(" ")) : [];
+    return {name: canvas.dataset.chartCanvas, painted, labels};
   });
   const probe = document.createElement("pre");
   probe.id = "probe";

@@ -30,11 +30,11 @@ def local_ray():
     ray.shutdown()
 
 
-def run_cli(*args: str, timeout: float, cwd=ROOT) -> subprocess.CompletedProcess:
-    """``python -m refed_ray.cli ARGS``. On a timeout its whole process group is killed, so a
-    local Ray cluster it started does not outlive it and disturb later tests."""
+def run_cli(*args: str, timeout: float, cwd=ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m refed_ray.cli ARGS`` (in ``env``, default this process's). On a timeout its whole
+    process group is killed, so a local Ray cluster it started does not outlive it and disturb later tests."""
     with subprocess.Popen([sys.executable, "-m", "refed_ray.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+                          stderr=subprocess.PIPE, text=True, start_new_session=True, env=env) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -30,7 +30,9 @@ reproducible. ``engine_kwargs`` inject faults:
 - ``hold``: ``{"marker": text, "schema": title, "release_file": path}``: a call whose prompt
   contains the marker and whose schema has that title waits until the file exists (a run paused
   at a known point: the shards holding such calls cannot commit before the release);
-- ``loads_log``: a file each engine construction appends its pid to (engine loads).
+- ``loads_log``: a file each engine construction appends its pid to (engine loads);
+- ``config_log``: a file each engine construction appends its engine config to, as JSON (what
+  the engine was given: the real settings, not run.json's masked ones).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class FakeEngine(Engine):
         self.options = config.engine_kwargs
         if "die_writing" in self.options:
             _die_in_the_middle_of_a_write(**self.options["die_writing"])
+        if "config_log" in self.options:
+            with open(self.options["config_log"], "a") as handle:
+                handle.write(config.model_dump_json() + "\n")
         if "loads_log" in self.options:
             with open(self.options["loads_log"], "a") as handle:
                 handle.write(f"{os.getpid()}\n")

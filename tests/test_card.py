@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from refed_ray.data.dataset import read_manifest
 from refed_ray.data.export import export
 from refed_ray.run.pipeline import run
 from refed_ray.storage import Storage
-from tests.conftest import FAKE_ENGINE, committed_tables, pairs, write_jsonl
+from tests.conftest import FAKE_ENGINE, committed_tables, pairs, run_cli, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -76,7 +77,7 @@ def test_the_card_header_parses_and_its_counts_are_the_reports(deduplicated):
         f"| Reference set digest | `{digest}`",
         f"| Teacher model | `{report['model']}` |",
         f"distinct-1 {report['quality']['distinct_1']}",
-        'data_dir="' + str(deduplicated.out / "dataset"),
+        'load_dataset("' + str(deduplicated.out / "dataset") + '", split="train")',
         "@inproceedings{mehri-etal-2026-beyond",
     ):
         assert expected in body, expected
@@ -96,7 +97,7 @@ def test_datasets_loads_exactly_the_delivered_rows(deduplicated, tmp_path):
     in_data = sum(t.num_rows for t in committed_tables(storage, "data"))
     assert len(expected) == deduplicated.report["delivered"] < in_data  # dedup's drops are not delivered
 
-    by_folder = load("parquet", data_dir=str(deduplicated.out / "dataset"), cache=tmp_path / "a")
+    by_folder = load("parquet", data_dir=str(deduplicated.out / "dataset" / "data"), cache=tmp_path / "a")
     assert sorted(zip(by_folder["unit_id"], by_folder["sample_index"])) == expected
     # The folder as the Hub reads it once uploaded: through the card's `configs`.
     by_card = load(str(deduplicated.out / "dataset"), cache=tmp_path / "b")
@@ -111,3 +112,70 @@ def test_the_messages_export_has_one_user_and_one_assistant_turn_per_row(dedupli
     assert all([turn["role"] for turn in row] == ["user", "assistant"] for row in rows["messages"])
     assert sorted((row[0]["content"], row[1]["content"]) for row in rows["messages"]) == pairs_delivered
     assert set(json.loads(open(target).readline())) == {"messages"}
+
+
+def delivered_keys(storage: Storage) -> list[tuple[str, int]]:
+    return sorted((r["unit_id"], r["sample_index"]) for r in delivered_rows(storage))
+
+
+def test_every_reader_the_card_names_reads_exactly_the_delivered_rows(deduplicated, tmp_path):
+    """pandas, pyarrow.dataset, Ray Data, DuckDB and Hugging Face datasets, each as the card's
+    "How to load" tells a user to call it."""
+    import duckdb
+    import pandas
+    import pyarrow.dataset
+    import ray
+
+    folder = deduplicated.out / "dataset"
+    expected = delivered_keys(deduplicated.storage)
+    _, body = header_and_body(folder / "README.md")
+    calls = [f'pandas.read_parquet("{folder}/data")', f'pyarrow.dataset.dataset("{folder}/data")',
+             f'ray.data.read_parquet("{folder}/data")', f"read_parquet('{folder}/data/gen-*/*.parquet')",
+             f'load_dataset("{folder}", split="train")']
+    assert all(call in body for call in calls), body
+
+    def keys(table) -> list[tuple[str, int]]:
+        return sorted(zip(table["unit_id"], table["sample_index"]))
+
+    assert keys(pandas.read_parquet(f"{folder}/data")) == expected
+    assert keys(pyarrow.dataset.dataset(f"{folder}/data").to_table().to_pydict()) == expected
+    assert keys(ray.data.read_parquet(f"{folder}/data").to_pandas()) == expected
+    rows = duckdb.sql(f"select unit_id, sample_index from read_parquet('{folder}/data/gen-*/*.parquet')").fetchall()
+    assert sorted(rows) == expected
+    assert keys(load(str(folder), cache=tmp_path / "hf")) == expected
+
+
+def test_the_card_follows_the_dataset_into_a_new_generation(deduplicated, tmp_path):
+    """An export that compacts the dataset again (here: its manifest made stale, as shards
+    committed after it would) writes the new generation's card: the folder still loads."""
+    out = tmp_path / "out"
+    shutil.copytree(deduplicated.out, out)
+    storage = Storage(str(out))
+    before = read_manifest(storage)
+    storage.write_json("dataset/_manifest.json", {**before, "digest": "stale"})
+
+    result = run_cli("export", str(out), "--format", "jsonl", timeout=300)
+    assert result.returncode == 0, result.stderr
+    after = read_manifest(storage)
+    assert after["generation"] != before["generation"] and not (out / before["files"][0]).exists()
+    header, _ = header_and_body(out / "dataset" / "README.md")
+    assert header["configs"][0]["data_files"][0]["path"] == [f.removeprefix("dataset/") for f in after["files"]]
+    loaded = load(str(out / "dataset"), cache=tmp_path / "hf")
+    assert sorted(zip(loaded["unit_id"], loaded["sample_index"])) == delivered_keys(deduplicated.storage)
+
+
+def test_a_run_of_no_rows_has_no_card_and_parquet_readers_read_no_rows(tmp_path):
+    import pandas
+
+    out, config = tmp_path / "out", tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seeds": str(write_jsonl(tmp_path / "seeds.jsonl", pairs(1))), "output": str(out), "num_samples": 2,
+        "instructions_per_aspect": 2, "max_extra_units": 0, "sampling": {"max_attempts": 1},
+        "engine": {**FAKE_ENGINE, "engine_kwargs": {"invalid_rate": {"InstructionList": 1.0}}},
+        "workers": {"num_engines": 1},
+    }))
+    result = run_cli("run", "--config", str(config), timeout=300)
+    assert result.returncode == 4, result.stderr  # short: nothing delivered
+    assert json.loads((out / "report.json").read_text())["delivered"] == 0
+    assert not (out / "dataset" / "README.md").exists()
+    assert len(pandas.read_parquet(out / "dataset" / "data")) == 0

@@ -18,7 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from refed_ray.data import dataset  # noqa: E402
-from refed_ray.data.dataset import MANIFEST, compact_dataset, dataset_files  # noqa: E402
+from refed_ray.data.card import CARD  # noqa: E402
+from refed_ray.data.dataset import DATA, MANIFEST, compact_dataset, dataset_files  # noqa: E402
 from refed_ray.records.commits import CommitLog, commit_shard, shard_name  # noqa: E402
 from refed_ray.records.models import Sample, to_table  # noqa: E402
 from refed_ray.records.stats import ShardStats  # noqa: E402
@@ -58,7 +59,7 @@ def assert_one_generation(storage: Storage, expected: list[tuple[str, int]]) -> 
     through_manifest = [k for name in dataset_files(storage) for k in _keys(storage.read_table(name))]
     assert sorted(through_manifest) == expected and manifest["rows"] == len(expected)
     assert sum(pq.ParquetFile(storage.fs.open(storage.path(f))).metadata.num_rows for f in manifest["files"]) == len(expected)
-    folder = pads.dataset(storage.path("dataset"), format="parquet",
+    folder = pads.dataset(storage.path(DATA), format="parquet",
                           filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)))
     assert sorted(_keys(folder.to_table(columns=["unit_id", "sample_index"]))) == expected
     assert _visible_files(storage) == set(manifest["files"])
@@ -79,7 +80,7 @@ def test_a_compaction_task_failing_mid_file_leaves_the_previous_generation(stora
 
     compact_dataset(storage, CommitLog(storage), file_mb=1)
     assert_one_generation(storage, keys(range(6)))
-    assert _all_files(storage) == {MANIFEST, *dataset_files(storage)}  # the failed attempt's leftovers are gone
+    assert _all_files(storage) == {MANIFEST, CARD, *dataset_files(storage)}  # the failed attempt's leftovers are gone
 
 
 def test_a_driver_killed_mid_compaction_leaves_the_previous_generation(storage, monkeypatch):
@@ -132,15 +133,15 @@ def test_a_task_killed_mid_file_on_local_disk_leaves_nothing_a_reader_takes(buck
             compact_dataset(storage, log, file_mb=1)
     assert not dies.exists()  # the task's process did die mid-file
     assert_one_generation(storage, keys(range(3)))
-    assert _all_files(storage) - _visible_files(storage) - {MANIFEST}  # its staging file is there, hidden
+    assert _all_files(storage) - _visible_files(storage)  # its staging file is there, hidden
 
     dies.write_text("")
     manifest = compact_dataset(storage, CommitLog(storage), file_mb=1)  # its task dies once, and is retried
     monkeypatch.undo()
     assert not dies.exists()
     assert_one_generation(storage, keys(range(6)))
-    assert _all_files(storage) == {MANIFEST, *manifest["files"]}  # no staging file, published or left
-    loaded = datasets.load_dataset("parquet", data_dir=storage.path("dataset"), split="train",
+    assert _all_files(storage) == {MANIFEST, CARD, *manifest["files"]}  # no staging file, published or left
+    loaded = datasets.load_dataset("parquet", data_dir=storage.path(DATA), split="train",
                                    cache_dir=str(tmp_path / "hf-cache"))
     assert sorted(zip(loaded["unit_id"], loaded["sample_index"])) == keys(range(6))
 
@@ -202,5 +203,6 @@ def _all_files(storage: Storage) -> set[str]:
 
 
 def _visible_files(storage: Storage) -> set[str]:
-    """The data files a directory reader takes: no part of the path hidden ("." or "_")."""
-    return {f for f in _all_files(storage) if not any(p.startswith((".", "_")) for p in f.split("/")[1:])}
+    """The data files a directory reader of dataset/data takes: no part of the path hidden ("." or "_")."""
+    return {f for f in _all_files(storage)
+            if f.startswith(f"{DATA}/") and not any(p.startswith((".", "_")) for p in f.split("/")[2:])}

@@ -85,7 +85,7 @@ def test_resume_with_another_model_is_refused_naming_it(tmp_path):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(2))
     run(make_config(tmp_path, seeds, num_samples=6))
     other = {**FAKE_ENGINE, "model": "another-teacher"}
-    with pytest.raises(UserError, match=r"different model \(model: 'gemma-3-270m \(embedded default\)' there, 'another-teacher' now\)"):
+    with pytest.raises(UserError, match=r"different model \(model: 'tests.fake_engine:FakeEngine \(engine.model unset\)' there, 'another-teacher' now\)"):
         run(make_config(tmp_path, seeds, num_samples=6, engine=other))
     reseeded = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
     with pytest.raises(UserError, match="different references"):

@@ -14,11 +14,11 @@ from refed_ray.engines.base import (
     EngineMisconfigured,
     EngineUnavailable,
     RequestRejected,
-    redact,
 )
 from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.openai_engine import OpenAIEngine, RateLimiter
 from refed_ray.run.pipeline import run
+from refed_ray.secrets import mask_text as redact
 from refed_ray.storage import Storage
 from tests.conftest import pairs, run_cli, write_jsonl
 from tests.fault_server import FAILURES, FaultServer

@@ -1,28 +1,40 @@
-"""The compacted dataset: committed samples as ``OUTPUT/dataset/gen-TOKEN/train-XXXXX-of-YYYYY.parquet``.
+"""The compacted dataset: committed samples as ``OUTPUT/dataset/data/gen-TOKEN/train-XXXXX-of-YYYYY.parquet``.
 
 Commit shards are how a run resumes; this is what users read, less the samples the filters in
-force dropped (``kept.py``)
-(``datasets.load_dataset("parquet", data_dir=OUTPUT/dataset)``, pandas, Spark). Files of about
-``dataset_file_mb`` each, written in parallel by Ray Data, one task per file.
+force dropped (``kept.py``). Files of about ``dataset_file_mb`` each, written in parallel by Ray
+Data, one task per file. The folder is laid out for every reader (README, "Reading the dataset"):
+
+- ``dataset/data/``: the Parquet files and nothing else a reader takes: pandas, pyarrow.dataset,
+  Ray Data, Hugging Face's ``data_dir`` read this folder; DuckDB globs ``data/gen-*/*.parquet``;
+- ``dataset/README.md``: the dataset card (``card.py``), whose ``configs`` name the committed
+  files: ``datasets.load_dataset(OUTPUT/dataset)`` and the Hub read them through it. It lies
+  beside ``data/``, never in it: a Parquet directory reader would try to read it;
+- ``dataset/_manifest.json``: the commit point (a name pyarrow's readers skip).
 
 ``dataset/`` is one complete generation, the previous or the new one, whatever fails:
 
-1. a compaction writes its files into a hidden folder, ``dataset/.gen-TOKEN/``, which every
-   directory reader skips; each file appears whole or not at all (``Storage.open_output``);
-2. once every file is written, the folder is published as ``dataset/gen-TOKEN/``;
+1. a compaction writes its files into a hidden folder, ``dataset/data/.gen-TOKEN/``, which every
+   directory reader but DuckDB's ``**`` skips; each file appears whole or not at all
+   (``Storage.open_output``);
+2. once every file is written, the folder is published as ``dataset/data/gen-TOKEN/``, and the
+   card is written to name its files (a card always names a complete generation);
 3. ``dataset/_manifest.json`` is replaced to name it: the one commit point. Readers of the
    project (export, the report, the quality figures) read the files the manifest names;
 4. every other generation (the previous one, a failed or killed compaction's hidden folder) is
-   deleted, here or by the next compaction.
+   deleted, here or by the next compaction, which also writes the card again if a kill between
+   steps 2 and 3 left it naming another generation than the manifest.
 
 A compaction that fails or is killed before step 3 leaves the manifest and the previous generation
 as they were. A folder listing taken between steps 2 and 4 (one rename on a file system, a copy
 per file on object stores, which cannot rename) sees both generations; the manifest never does.
 The manifest also records what the dataset was built from (a digest of the committed shard files
-and the dropped samples), so an up-to-date dataset is not written again.
+and the dropped samples), so an up-to-date dataset is not written again. A dataset of no rows is
+one Parquet file of no rows (every Parquet reader reads 0 rows) and no card: Hugging Face
+``datasets`` cannot load an empty split.
 
 A selection (``select.py``: OUTPUT/selected/METHOD-N/) is written in the same layout by the same
-functions (``write_generation``, ``read_manifest``, ``delete_other_generations``).
+functions (``write_generation``, ``read_manifest``, ``delete_other_generations``), its generation
+folders directly in its folder (it holds no card).
 """
 
 from __future__ import annotations
@@ -39,13 +51,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from refed_ray.data.card import CARD, write_card
 from refed_ray.records.commits import CommitLog
 from refed_ray.records.models import Sample, arrow_schema
 from refed_ray.storage import Storage
 
 FOLDER = "dataset"
+DATA = f"{FOLDER}/data"  # the Parquet files' folder: what a Parquet directory reader reads
 MANIFEST = f"{FOLDER}/_manifest.json"
-CARD = f"{FOLDER}/README.md"  # the dataset card, written beside the manifest
 ROWS_PER_GROUP = 10_000
 KEY_JOIN = "#"  # a dropped sample's key: unit_id#sample_index
 
@@ -59,13 +72,23 @@ def compact_dataset(storage: Storage, log: CommitLog, file_mb: int, max_rows: in
     files = _take_rows(log, max_rows, drops)
     digest = hashlib.sha256(json.dumps([files, sorted((f, sorted(d)) for f, d in drops.items())]).encode()).hexdigest()[:16]
     manifest = read_manifest(storage)
-    if manifest is None or manifest.get("digest") != digest or "generation" not in manifest:
+    if not _current(manifest, digest):
         generation = new_generation_name()
         names, rows = _write_generation(storage, generation, files, drops, file_mb)
         manifest = {"digest": digest, "generation": generation, "files": names, "rows": rows, "shard_files": len(files)}
+        write_card(storage, manifest)  # before the commit: the card never names a deleted generation
         storage.write_json(MANIFEST, manifest)  # the commit point
+    else:
+        write_card(storage, manifest, only_if_changed=True)  # a kill between the card and the commit
     _delete_other_generations(storage, manifest["generation"])
     return manifest
+
+
+def _current(manifest: dict[str, Any] | None, digest: str) -> bool:
+    """Whether the committed generation is this digest's, in this layout (an older layout's
+    generation, straight under dataset/, is written again)."""
+    return (manifest is not None and manifest.get("digest") == digest and "generation" in manifest
+            and all(name.startswith(f"{DATA}/{manifest['generation']}/") for name in manifest["files"]))
 
 
 def new_generation_name() -> str:
@@ -88,11 +111,12 @@ def dataset_files(storage: Storage) -> list[str]:
 def _write_generation(storage: Storage, generation: str, files: list[tuple[str, int]], drops: dict[str, set[str]],
                       file_mb: int) -> tuple[list[str], int]:
     """Write the dataset's generation from its shard files, less their drops; returns its files and rows."""
-    groups = pack([name for name, _ in files], storage.sizes("data"), file_mb * 2**20)
+    # No rows: one file of none, so that every Parquet reader of dataset/data reads 0 rows.
+    groups = pack([name for name, _ in files], storage.sizes("data"), file_mb * 2**20) or [[]]
     limits = dict(files)
     tasks = [{"files": group, "limits": [limits[f] for f in group], "drops": [sorted(drops.get(f, ())) for f in group]}
              for group in groups]
-    return write_generation(storage, FOLDER, generation, tasks, _write_file)
+    return write_generation(storage, DATA, generation, tasks, _write_file)
 
 
 def write_generation(storage: Storage, folder: str, generation: str, tasks: list[dict[str, Any]],
@@ -123,12 +147,13 @@ def write_generation(storage: Storage, folder: str, generation: str, tasks: list
 def _delete_other_generations(storage: Storage, generation: str) -> None:
     """Everything in OUTPUT/dataset but the manifest, the card and the committed generation: the
     previous generation, the hidden folder of a failed or killed compaction, files of an older
-    layout (one LIST, and deletes only when there is something to delete)."""
-    keep = {MANIFEST, CARD, f"{FOLDER}/{generation}"}
+    layout (a LIST of each folder, and deletes only when there is something to delete)."""
+    keep = {MANIFEST, CARD, DATA}
     for folder in storage.subfolders(FOLDER):
         if folder not in keep:
             storage.delete(folder)
     storage.delete_many([name for name in storage.list(FOLDER) if name not in keep])
+    delete_other_generations(storage, DATA, generation)
 
 
 def delete_other_generations(storage: Storage, folder: str, generation: str) -> None:

@@ -26,6 +26,7 @@ import fsspec
 import pyarrow as pa
 import ray
 
+from refed_ray.cluster import connect_ray
 from refed_ray.config import run_config
 from refed_ray.data.dataset import compact_dataset
 from refed_ray.data.kept import apply_filters, dropped_keys
@@ -81,8 +82,7 @@ def export(
         manifest = up_to_date_dataset(storage, file_mb)
     else:
         manifest = read_selection(storage, selection)
-        if not ray.is_initialized():
-            ray.init()
+        connect_ray()
     as_list = fmt in JSON_LIST_FORMATS
     folder = f"{output.rstrip('/')}/export" + (f"/{selection}" if selection else "")
     target = to or f"{folder}/{fmt}.{'json' if as_list else 'jsonl'}"
@@ -112,8 +112,7 @@ def up_to_date_dataset(storage: Storage, file_mb: int | None = None) -> dict:
     # Before Ray starts: refuses a folder without a run's run.json, or one whose --force-new was interrupted.
     config = run_config(storage)
     log = CommitLog(storage)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     apply_filters(storage, log, config)
     return compact_dataset(storage, log, file_mb or config.dataset_file_mb, max_rows=config.num_samples,
                            drops=dropped_keys(storage, log, config))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
@@ -82,28 +80,3 @@ class Engine(ABC):
     def metrics(self) -> dict[str, int]:
         """Cumulative engine counters worth reporting (e.g. prefix-cache queries and hits)."""
         return {}
-
-
-# What a credential looks like inside text an API sends back: an Authorization or api-key header
-# or field (the scheme word, e.g. Bearer, kept), an OpenAI-style key, a URL's user:password.
-_CREDENTIALS = [
-    (re.compile(r"(?i)(\bbearer\s+)[^\s\"',;}]+"), r"\1***"),
-    (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)[^\s\"',;}]+"),
-     r"\1***"),
-    (re.compile(r"(?i)(\bapi[-_ ]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"), r"\1***"),
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{6,}"), "sk-***"),
-    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
-]
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every credential in it masked: the values in ``secrets`` (the run's API key)
-    wherever they appear, and anything shaped like a key. Applied wherever an API's answer
-    becomes text the project logs, raises or stores: servers and proxies may echo the headers
-    they were sent."""
-    for secret in secrets:
-        if len(secret) >= 4:  # a shorter "key" is a placeholder; masking it would garble the text
-            text = text.replace(secret, "***")
-    for pattern, mask in _CREDENTIALS:
-        text = pattern.sub(mask, text)
-    return text

@@ -112,8 +112,14 @@ class EngineConfig(_Section):
         return kind
 
     def model_name(self) -> str:
-        """The model as reports name it (a run's teacher, a judge)."""
-        return self.model or "gemma-3-270m (embedded default)"
+        """The model as reports name it (a run's teacher, a judge): ``model``; unset, the embedded
+        default for kind vllm (the model it then loads), else the engine the config names (the
+        name an engine gives itself, which its rows carry, is known only where it runs)."""
+        if self.model:
+            return self.model
+        if self.kind == "vllm":
+            return "gemma-3-270m (embedded default)"
+        return f"{self.class_path or self.kind} (engine.model unset)"
 
     @model_validator(mode="after")
     def _kind_has_what_it_needs(self) -> EngineConfig:

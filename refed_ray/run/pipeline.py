@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from refed_ray.config import RunConfig
+from refed_ray.cluster import connect_ray
 from refed_ray.data.dataset import compact_dataset
 from refed_ray.data.filters.dedup import DEDUP, deduplicate
 from refed_ray.data.kept import RUN_FILTERS, accepted_samples, dropped_keys, pass_totals
@@ -284,8 +285,7 @@ def _engine_secrets(config: RunConfig) -> dict[str, str]:
 
 
 def _connect_ray() -> None:
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS's cluster when set, else starts a local one
+    connect_ray()  # joins RAY_ADDRESS's cluster when set, else starts a local one
     explain_restart_warning()  # before the first engine actor
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 
+from refed_ray.cluster import connect_ray
 from refed_ray.config import RunConfig
 from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.kinds import engine_kind
@@ -74,8 +75,7 @@ def doctor(config: RunConfig, *, force_new: bool = False, wait_s: float = 600,
            say: Callable[[str], None] = print) -> list[Check]:
     """Every check, on the driver and on one node of each kind that can take an engine."""
     checks = [check_run(config, force_new)]
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS's cluster, or the one `ray job submit` runs this in
+    connect_ray()  # RAY_ADDRESS's cluster, or the one `ray job submit` runs this in
     engine = engine_kind(config.engine.kind).resolve_device(config.engine)
     config = config.model_copy(update={"engine": engine})
     options = engine_kind(engine.kind).actor_resources(engine)

@@ -181,7 +181,9 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
     storage = Storage(uri, config.storage_options)
     if not storage.exists(RUN_FILE):
         raise UserError(f"--pilot {uri} holds no refed-ray run ({RUN_FILE})")
-    totals = pass_totals(CommitLog(storage), run_config(storage))
+    pilot_config = run_config(storage)
+    _same_stages(uri, pilot_config, config)
+    totals = pass_totals(CommitLog(storage), pilot_config)
     stages = empty_stats()
     for stats in totals.values():
         merge(stages, stats.stages)
@@ -196,7 +198,7 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         by_stage[stage] = {"prompt_tokens": round(stats.prompt_tokens * scale),
                            "completion_tokens": round(stats.completion_tokens * scale)}
         calls[stage] = round(stats.calls * scale)
-    pilot_model = run_config(storage).model_name()
+    pilot_model = pilot_config.model_name()
     return {
         "source": "pilot",
         "pilot": {"output": uri, "model": pilot_model, "accepted_samples": accepted, "feedback_references": references,
@@ -207,6 +209,18 @@ def _tokens_from_pilot(uri: str, config: RunConfig, samples: int, feedback_refer
         "calls_expected": {**calls, "total": sum(calls.values())},
         **_totals(by_stage),
     }
+
+
+def _same_stages(uri: str, pilot: RunConfig, config: RunConfig) -> None:
+    """A pilot measures its own stages: one of another feedback mode, or with instructions_from
+    where this run has none (or the reverse), calls stages this run does not, and not others."""
+    def shape(run: RunConfig) -> str:
+        return f"feedback mode {run.feedback.mode}" + (", instructions_from" if run.instructions_from else "")
+
+    if shape(pilot) != shape(config):
+        raise UserError(f"--pilot {uri} ran {shape(pilot)}, this run {shape(config)}: their stages differ, so its "
+                        "tokens per sample do not estimate this run's. Pilot with this run's feedback.mode "
+                        "(and instructions_from), or plan without --pilot (the budgets' upper bound)")
 
 
 def _tokens_from_budgets(
