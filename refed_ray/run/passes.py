@@ -41,6 +41,7 @@ pass's commits into its index as they come (``CommitLog.write_index``).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import AbstractContextManager, nullcontext
@@ -60,7 +61,16 @@ from refed_ray.records.stats import ShardStats
 from refed_ray.run.workers import MISCONFIGURED, OUTAGE
 from refed_ray.storage import Storage
 
+log = logging.getLogger(__name__)
+
 INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
+# Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s, 1800 s by default in
+# Ray 2.60, RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S) fails a pass when no block moves for that
+# long. Here a block is a whole shard, which may take longer than that on a GPU, and GPU nodes
+# may take longer than that to join an autoscaling cluster. The run has its own watchdogs (a
+# hung engine: workers.hang_timeout_s; an outage: workers.outage_patience_s), so the guard is
+# off: -1 is the value ray/data/_internal/execution/no_progress_guard.py takes to disable it.
+NO_PROGRESS_TIMEOUT_OFF = -1
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,17 @@ class PassResult:
         self.seconds += other.seconds
         self.stats += other.stats
         return self
+
+
+def _stopped(pass_name: str, err: Exception) -> RunStopped:
+    """Whatever else ended a pass's execution (Ray Data's own errors, a cluster that went away):
+    one line for the user, exit 3, no traceback (Ray Data keeps its own in its log file)."""
+    log.debug("the %s pass's execution failed", pass_name, exc_info=err)
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return RunStopped(
+        f"the {pass_name} pass stopped: Ray's execution failed ({type(err).__name__}: {first}). "
+        "Committed shards are kept: submit the same command again to resume."
+    )
 
 
 # ---- engine passes -------------------------------------------------------------------------
@@ -146,9 +167,13 @@ def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, 
     GPUs"), i.e. every GPU engine. A whole block must stay one batch (a number would let Ray merge
     shards into one task), so the pass takes the same DeveloperAPI that Ray's own ``map_groups``
     takes for the same reason; it differs only in skipping that check."""
-    return ray.data.from_arrow(blocks).map_batches_internal(
+    dataset = ray.data.from_arrow(blocks).map_batches_internal(
         worker, fn_constructor_kwargs=worker_args, **engine_map_args(config, engines)
     )
+    # The executor runs on the driver, built from this Dataset's own DataContext
+    # (Dataset._create_executor): set here, it holds for this pass whatever the process default.
+    dataset.context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_OFF
+    return dataset
 
 
 def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
@@ -198,7 +223,7 @@ def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDE
                 "recorded as rejected for it, and committed shards are kept: submit the same command "
                 "again to resume."
             ) from None
-        raise
+        raise _stopped(pass_name, err) from None
     finally:
         committed.write_index(pass_name)
     result.seconds = time.time() - started
