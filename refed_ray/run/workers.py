@@ -60,7 +60,7 @@ class _EngineWorker:
         _check_output_visible(self.storage)
         workers = self.config.workers
         self.engine = GuardedEngine(
-            create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None),
+            _start_engine(self.config, rate_limiter[0] if rate_limiter else None),
             requests_in_flight=workers.requests_in_flight,
             outage_patience_s=workers.outage_patience_s,
             hang_timeout_s=workers.hang_timeout_s,
@@ -128,6 +128,16 @@ class _EngineWorker:
     def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
         """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
         raise NotImplementedError
+
+
+def _start_engine(config: RunConfig, rate_limiter: Any):
+    """The actor's engine. Settings it refuses on this node (a model folder the node lacks, a model
+    the hub refuses) fail the pass at once as the driver recognises them (exit 2): no restart of
+    the actor can help."""
+    try:
+        return create_engine(config.engine, rate_limiter)
+    except EngineMisconfigured as err:
+        raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
 
 
 async def _end_cleanly(attempt: commits.Attempt) -> None:
