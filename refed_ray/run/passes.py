@@ -157,6 +157,26 @@ def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str]
     }
 
 
+def check_engines_fit(config: RunConfig) -> None:
+    """Once Ray is up, before a pass: one engine's GPUs must fit on one node (an actor cannot span
+    nodes). A cluster with no GPU node yet waits for one, as an autoscaler starting GPU workers
+    from zero needs; a cluster whose GPU nodes are all too small is refused at once instead of
+    waiting for ever. (An autoscaler whose bigger GPU node type has no node up yet is refused
+    too: start one first, e.g. with min_workers.)"""
+    gpus = engine_kind(config.engine.kind).actor_resources(config.engine).get("num_gpus", 0)
+    if not gpus:
+        return
+    largest = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if not largest:
+        log.warning("no GPU node in the Ray cluster yet: the engines (%g GPUs each) wait for one to join", gpus)
+    elif largest < gpus:
+        raise UserError(
+            f"one engine needs {gpus:g} GPUs on one node (engine.tensor_parallel_size x "
+            f"engine.pipeline_parallel_size), but the largest GPU node of the Ray cluster has {largest:g}: "
+            f"lower --tensor-parallel-size, or add nodes with {gpus:g} GPUs or more"
+        )
+
+
 def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], config: RunConfig,
                    engines: int) -> ray.data.Dataset:
     """The pass as a lazy Ray Dataset: one Ray block per shard, so a task is one shard and a
