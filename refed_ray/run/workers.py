@@ -23,7 +23,14 @@ import pyarrow as pa
 import ray
 
 from refed_ray.config import RunConfig
-from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable
+from refed_ray.engines.base import (
+    ChatRequest,
+    Completion,
+    Engine,
+    EngineDead,
+    EngineMisconfigured,
+    EngineUnavailable,
+)
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.engines.kinds import create_engine
 from refed_ray.method.feedback import collect_feedback
@@ -130,14 +137,28 @@ class _EngineWorker:
         raise NotImplementedError
 
 
-def _start_engine(config: RunConfig, rate_limiter: Any):
-    """The actor's engine. Settings it refuses on this node (a model folder the node lacks, a model
-    the hub refuses) fail the pass at once as the driver recognises them (exit 2): no restart of
-    the actor can help."""
+def _start_engine(config: RunConfig, rate_limiter: Any) -> Engine:
+    """The actor's engine, or where it refuses its settings on this node (a model folder the node
+    lacks, a model the hub refuses) one that refuses every call with that message: the first
+    shard then fails the pass as a refused setting (exit 2, one line). Raised here, Ray Data would
+    report the actor's death with a traceback instead."""
     try:
         return create_engine(config.engine, rate_limiter)
     except EngineMisconfigured as err:
-        raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
+        log.error("the engine refused its settings: %s", err)
+        return _Refusing(str(err))
+
+
+class _Refusing(Engine):
+    """An engine that could not start for its settings: every call says why."""
+
+    model_name = "refused"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        raise EngineMisconfigured(self.reason)
 
 
 async def _end_cleanly(attempt: commits.Attempt) -> None:
