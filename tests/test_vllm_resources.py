@@ -214,7 +214,8 @@ def test_the_hugging_face_token_goes_to_the_engines_as_a_secret(monkeypatch):
 
 @pytest.fixture
 def refusing_hub(monkeypatch):
-    """A local stand-in for the Hugging Face hub that refuses every model as gated (HTTP 401)."""
+    """A local stand-in for the Hugging Face hub: org/gated is gated (HTTP 401), org/other has no
+    config.json (HTTP 404, EntryNotFound), org/missing does not exist (HTTP 404, RepoNotFound)."""
     import http.server
     import threading
 
@@ -222,8 +223,11 @@ def refusing_hub(monkeypatch):
 
     class Refuse(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(401)
-            self.send_header("X-Error-Code", "GatedRepo")
+            repo = "/".join(self.path.split("/")[1:3])  # /org/name/resolve/main/config.json
+            code, error = {"org/gated": (401, "GatedRepo"), "org/missing": (404, "RepoNotFound")}.get(
+                repo, (404, "EntryNotFound"))
+            self.send_response(code)
+            self.send_header("X-Error-Code", error)
             self.end_headers()
 
         do_HEAD = do_GET
@@ -245,6 +249,9 @@ def test_a_model_the_hub_refuses_is_exit_2_naming_hf_token_before_ray(refusing_h
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(UserError, match=r"hub refused engine.model 'org/gated' \(HTTP 401\).*HF_TOKEN"):
         vllm_engine.check(EngineConfig(device="cuda", model="org/gated"))
+    with pytest.raises(UserError, match=r"hub refused engine.model 'org/missing' \(HTTP 404\)"):
+        vllm_engine.check(EngineConfig(device="cuda", model="org/missing"))
+    vllm_engine.check(EngineConfig(device="cuda", model="org/other"))  # no config.json: vLLM's to judge
     result = run_cli("run", "--model", "org/gated", "--output", str(tmp_path / "out"), "--device", "cuda",
                      timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -422,7 +422,9 @@ def _hub_config(model: str) -> dict[str, Any] | None:
         with urllib.request.urlopen(request, timeout=_HUB_TIMEOUT_S) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as err:
-        if err.code in (401, 403, 404):
+        # 401/403: gated or private (the hub answers 401 for an unknown id too); a 404 is a refusal
+        # only for the repository (a repository without config.json is vLLM's to judge).
+        if err.code in (401, 403) or err.headers.get("X-Error-Code") == "RepoNotFound":
             raise EngineMisconfigured(hub_refusal(model, f"HTTP {err.code}")) from None
         return None
     except (OSError, ValueError):  # no route to the hub, a timeout, a body that is not JSON
