@@ -35,7 +35,9 @@ pass's commits into its index as they come (``CommitLog.write_index``).
   index as they come (every ``INDEX_EVERY_SHARDS``, and at the end whatever happens).
 - Faults, as for the run's passes: an engine that refuses its settings raises ``UserError``, an
   outage ``RunStopped`` (committed shards kept: a resubmission resumes), an engine death restarts
-  the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects.
+  the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects;
+  any other error of Ray's execution stops the run (``RunStopped``, one line). Ray Data's own
+  no-progress timeout is off (``NO_PROGRESS_TIMEOUT_OFF``).
 - Returns a ``PassResult``: shards committed now, seconds, summed ``ShardStats``.
 """
 
