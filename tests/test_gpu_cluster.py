@@ -42,17 +42,15 @@ def gpu_cluster(request):
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
+    # Removed even when the head fails to start (an overloaded machine: Ray gives a node 30 s).
+    request.addfinalizer(lambda: shutil.rmtree(temp_dir, ignore_errors=True))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "include_dashboard": False, "temp_dir": temp_dir,
         # A loaded 2-core machine misses Ray's default health checks (5 x 3 s): a live raylet
         # marked dead ends the run. Removed nodes are still found dead, in 30 s.
         "_system_config": {"health_check_failure_threshold": 10, "health_check_timeout_ms": 20000}})
 
-    def tear_down():
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)  # its ray_current_cluster file with it
-
-    request.addfinalizer(tear_down)
+    request.addfinalizer(cluster.shutdown)  # before the folder goes (finalizers run last first)
     cluster.temp_dir = temp_dir
     return cluster
 
