@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from refed_ray.engines.config import EngineConfig
+from refed_ray.engines.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from refed_ray.errors import UserError
 from refed_ray.records.commits import RUN_FILE, read_run
 from refed_ray.secrets import is_secret_name, mask_text, mask_value
@@ -218,7 +218,7 @@ class RunConfig(_Section):
         """What a resumed run must share with the run that wrote OUTPUT, part by part."""
         return {
             "model": self.model_name(),
-            "engine": _digest(self.engine.model_dump(include=_REPLY_SHAPING_ENGINE_FIELDS)),
+            "engine": _digest(_reply_shaping_engine(self.engine)),
             "prompts": prompts_digest,
             "references": references_digest,
             "sampling": _digest(self.sampling.model_dump()),
@@ -243,6 +243,17 @@ _REPLY_SHAPING_ENGINE_FIELDS = {
     "engine_kwargs": True,
     "api": {"api_base": True, "json_schema": True},
 }
+
+
+def _reply_shaping_engine(engine: EngineConfig) -> dict[str, Any]:
+    """The reply-shaping engine settings as the fingerprint digests them. max_model_len auto (the
+    default since issue 22) is digested as 16384, the default before it: an output started with
+    the old default resumes under the new one, which gives vLLM the same 16384 wherever the model
+    allowed it (where it did not, that run could not start)."""
+    fields = engine.model_dump(include=_REPLY_SHAPING_ENGINE_FIELDS)
+    if fields["max_model_len"] == "auto":
+        fields["max_model_len"] = DEFAULT_MAX_MODEL_LEN
+    return fields
 
 
 def _digest(value: Any) -> str:

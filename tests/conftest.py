@@ -18,6 +18,9 @@ sys.path.insert(0, str(ROOT))
 # ray.init() joins the cluster named in /tmp/ray/ray_current_cluster, which a `ray start` left
 # on this machine may still name after its head died (a hang, then "num_cpus must not be provided").
 os.environ["RAY_ADDRESS"] = "local"
+# Hub ids in tests name no real model: the driver's check must not ask the hub about them (a
+# refusal of a made-up id would be exit 2). Tests of the hub's answers unset it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="module")

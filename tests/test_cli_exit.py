@@ -4,7 +4,10 @@ exit 4 with why and what completes the run otherwise, and a log with no error in
 import json
 import re
 
+import pytest
 import yaml
+
+from refed_ray.errors import RunStopped
 
 from tests.conftest import FAKE_ENGINE, pairs, run_cli, write_jsonl
 
@@ -60,3 +63,32 @@ def test_a_short_run_exits_4_naming_the_budget_and_raising_it_completes_the_run(
     stopped = [line.split() for line in shutdowns.read_text().splitlines()]
     assert {pid for pid, _ in stopped} == engines
     assert all(finalizing == "False" for _, finalizing in stopped)
+
+
+def test_an_execution_error_escaping_a_pass_is_exit_3_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ray Data's ExecutionTimeoutError (or any error of the execution that is no engine's) ended
+    `run` with exit 1 and a traceback: it is an infrastructure stop, exit 3, one line."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from refed_ray import cli
+    from refed_ray.records.commits import CommitLog
+    from refed_ray.run import passes
+    from refed_ray.storage import Storage
+
+    class Stalled:
+        def iter_batches(self, **kwargs):
+            raise ExecutionTimeoutError("Dataset execution made no progress for at least 1800s\nOperators ...")
+
+    storage = Storage(str(tmp_path / "out"))
+    with pytest.raises(RunStopped, match=r"^the synthesis pass stopped: Ray's execution failed \(ExecutionTimeoutError: "
+                       r"Dataset execution made no progress for at least 1800s\)\. Committed shards are kept"):
+        passes.drain(Stalled(), CommitLog(storage), "synthesis")
+
+    def stalled_run(config, force_new=False):
+        passes.drain(Stalled(), CommitLog(storage), "synthesis")
+
+    monkeypatch.setattr("refed_ray.run.pipeline.run", stalled_run)
+    assert cli.main(["run", "--output", str(tmp_path / "out2")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("refed-ray: stopped: the synthesis pass stopped: Ray's execution failed") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ the config; ``refed_ray.config.RunConfig`` holds it as ``engine``."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -61,6 +61,19 @@ class EngineResources(_Section):
         return resources
 
 
+# vLLM engine arguments that decide an engine actor's GPUs, and where to set them instead: the
+# actor's Ray resources are sized from these settings (vllm_engine.actor_resources).
+RESOURCE_DECIDING_KWARGS = {
+    "tensor_parallel_size": "set engine.tensor_parallel_size (--tensor-parallel-size)",
+    "pipeline_parallel_size": "set engine.pipeline_parallel_size",
+    "data_parallel_size": "an engine is one replica: set workers.num_engines for more of them",
+    "distributed_executor_backend": "refed-ray chooses it from the GPUs per engine (uni for one, mp for several)",
+    "device": "set engine.device (--device)",
+    "max_model_len": "set engine.max_model_len (checked against the model's context window)",
+}
+DEFAULT_MAX_MODEL_LEN = 16384  # max_model_len auto: at most this (a prompt plus a 4,096-token reply)
+
+
 class EngineConfig(_Section):
     """The teacher model and how each worker hosts it."""
 
@@ -84,9 +97,13 @@ class EngineConfig(_Section):
     tensor_parallel_size: int = Field(
         1, ge=1, description="GPUs per engine, on one node (vLLM's multiprocessing executor)"
     )
-    max_model_len: int | None = Field(
-        16384, ge=256, description="context window given to vLLM: room for a prompt plus a 4,096-token reply; "
-        "unset = the model's own (its KV cache must hold one such sequence)",
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="pipeline stages per engine, on the same node as its tensor-parallel ranks"
+    )
+    max_model_len: Annotated[int, Field(ge=256)] | Literal["auto"] | None = Field(
+        "auto", description="context window given to vLLM. auto: the model's own, at most 16384 (room for a "
+        "prompt plus a 4,096-token reply); a number above the model's own is refused; null: the model's own, "
+        "however long (its KV cache must hold one such sequence)",
     )
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     cpu_kvcache_space_gib: int = Field(4, ge=1, description="KV cache size on CPU engines")
@@ -102,6 +119,15 @@ class EngineConfig(_Section):
         None, description="custom engines: what each engine actor asks Ray for; unset = one CPU"
     )
     api: ApiConfig = Field(default_factory=ApiConfig)
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_resource_deciding_kwargs(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        # These decide how many GPUs an engine uses and where: passed to vLLM behind the actor's
+        # back, an actor that reserved one GPU would run an engine on two (or on none).
+        for name in RESOURCE_DECIDING_KWARGS.keys() & set(extra):
+            raise ValueError(f"engine_kwargs must not set {name}: {RESOURCE_DECIDING_KWARGS[name]}")
+        return extra
 
     @field_validator("kind")
     @classmethod

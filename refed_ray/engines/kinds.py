@@ -191,7 +191,8 @@ def _custom_needs_class(config: EngineConfig) -> str | None:
 register(EngineKind(
     name="vllm",
     build=_from(VLLM_MODULE, "build"),
-    check=_from(VLLM_MODULE, "check_model_folder"),
+    check=_from(VLLM_MODULE, "check"),
+    secrets=_from(VLLM_MODULE, "hub_secrets"),
     actor_resources=_from(VLLM_MODULE, "actor_options"),
     resolve_device=_from(VLLM_MODULE, "resolve_device"),
     estimates_gpu_time=True,

@@ -35,12 +35,15 @@ pass's commits into its index as they come (``CommitLog.write_index``).
   index as they come (every ``INDEX_EVERY_SHARDS``, and at the end whatever happens).
 - Faults, as for the run's passes: an engine that refuses its settings raises ``UserError``, an
   outage ``RunStopped`` (committed shards kept: a resubmission resumes), an engine death restarts
-  the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects.
+  the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects;
+  any other error of Ray's execution stops the run (``RunStopped``, one line). Ray Data's own
+  no-progress timeout is off (``NO_PROGRESS_TIMEOUT_OFF``).
 - Returns a ``PassResult``: shards committed now, seconds, summed ``ShardStats``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import AbstractContextManager, nullcontext
@@ -60,7 +63,16 @@ from refed_ray.records.stats import ShardStats
 from refed_ray.run.workers import MISCONFIGURED, OUTAGE
 from refed_ray.storage import Storage
 
+log = logging.getLogger(__name__)
+
 INDEX_EVERY_SHARDS = 200  # commits absorbed into the index at once: bounds the markers a restart reads
+# Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s, 1800 s by default in
+# Ray 2.60, RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S) fails a pass when no block moves for that
+# long. Here a block is a whole shard, which may take longer than that on a GPU, and GPU nodes
+# may take longer than that to join an autoscaling cluster. The run has its own watchdogs (a
+# hung engine: workers.hang_timeout_s; an outage: workers.outage_patience_s), so the guard is
+# off: -1 is the value ray/data/_internal/execution/no_progress_guard.py takes to disable it.
+NO_PROGRESS_TIMEOUT_OFF = -1
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,17 @@ class PassResult:
         return self
 
 
+def _stopped(pass_name: str, err: Exception) -> RunStopped:
+    """Whatever else ended a pass's execution (Ray Data's own errors, a cluster that went away):
+    one line for the user, exit 3, no traceback (Ray Data keeps its own in its log file)."""
+    log.debug("the %s pass's execution failed", pass_name, exc_info=err)
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return RunStopped(
+        f"the {pass_name} pass stopped: Ray's execution failed ({type(err).__name__}: {first}). "
+        "Committed shards are kept: submit the same command again to resume."
+    )
+
+
 # ---- engine passes -------------------------------------------------------------------------
 
 
@@ -136,6 +159,26 @@ def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str]
     }
 
 
+def check_engines_fit(config: RunConfig) -> None:
+    """Once Ray is up, before a pass: one engine's GPUs must fit on one node (an actor cannot span
+    nodes). A cluster with no GPU node yet waits for one, as an autoscaler starting GPU workers
+    from zero needs; a cluster whose GPU nodes are all too small is refused at once instead of
+    waiting for ever. (An autoscaler whose bigger GPU node type has no node up yet is refused
+    too: start one first, e.g. with min_workers.)"""
+    gpus = engine_kind(config.engine.kind).actor_resources(config.engine).get("num_gpus", 0)
+    if not gpus:
+        return
+    largest = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if not largest:
+        log.warning("no GPU node in the Ray cluster yet: the engines (%g GPUs each) wait for one to join", gpus)
+    elif largest < gpus:
+        raise UserError(
+            f"one engine needs {gpus:g} GPUs on one node (engine.tensor_parallel_size x "
+            f"engine.pipeline_parallel_size), but the largest GPU node of the Ray cluster has {largest:g}: "
+            f"lower --tensor-parallel-size, or add nodes with {gpus:g} GPUs or more"
+        )
+
+
 def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], config: RunConfig,
                    engines: int) -> ray.data.Dataset:
     """The pass as a lazy Ray Dataset: one Ray block per shard, so a task is one shard and a
@@ -146,9 +189,13 @@ def engine_dataset(blocks: list[pa.Table], worker: type, worker_args: dict[str, 
     GPUs"), i.e. every GPU engine. A whole block must stay one batch (a number would let Ray merge
     shards into one task), so the pass takes the same DeveloperAPI that Ray's own ``map_groups``
     takes for the same reason; it differs only in skipping that check."""
-    return ray.data.from_arrow(blocks).map_batches_internal(
+    dataset = ray.data.from_arrow(blocks).map_batches_internal(
         worker, fn_constructor_kwargs=worker_args, **engine_map_args(config, engines)
     )
+    # The executor runs on the driver, built from this Dataset's own DataContext
+    # (Dataset._create_executor): set here, it holds for this pass whatever the process default.
+    dataset.context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_OFF
+    return dataset
 
 
 def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
@@ -198,7 +245,7 @@ def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDE
                 "recorded as rejected for it, and committed shards are kept: submit the same command "
                 "again to resume."
             ) from None
-        raise
+        raise _stopped(pass_name, err) from None
     finally:
         committed.write_index(pass_name)
     result.seconds = time.time() - started

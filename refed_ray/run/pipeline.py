@@ -44,6 +44,7 @@ from refed_ray.run.passes import (
     SEEDS,
     SYNTHESIS,
     PassResult,
+    check_engines_fit,
     engine_worker_args,
     run_engine_pass,
 )
@@ -93,6 +94,8 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     storage, seeds, resumed = checked.storage, checked.seeds, checked.resumed
     _connect_ray()
     refuse_local_output_on_cluster(storage, config)
+    on_cluster = _resolve_device(config)  # run.json keeps the config as given (device: auto)
+    check_engines_fit(on_cluster)
     run_id = start_output(storage, config, checked.fingerprint, force_new)
 
     committed = CommitLog(storage)
@@ -103,7 +106,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     log.info("plan: %d units in %d shards over %d rounds, %d references",
              plan.units, plan.shards, plan.rounds, len(plan.references_used))
 
-    config = _resolve_device(config)
+    config = on_cluster
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
     engine_args = engine_worker_args(config, storage, checked.secrets, run_id)
     units_before = len(committed.ids(SYNTHESIS.name))

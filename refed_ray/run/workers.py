@@ -23,7 +23,14 @@ import pyarrow as pa
 import ray
 
 from refed_ray.config import RunConfig
-from refed_ray.engines.base import EngineDead, EngineMisconfigured, EngineUnavailable
+from refed_ray.engines.base import (
+    ChatRequest,
+    Completion,
+    Engine,
+    EngineDead,
+    EngineMisconfigured,
+    EngineUnavailable,
+)
 from refed_ray.engines.guard import GuardedEngine, shard_counters
 from refed_ray.engines.kinds import create_engine
 from refed_ray.method.feedback import collect_feedback
@@ -60,7 +67,7 @@ class _EngineWorker:
         _check_output_visible(self.storage)
         workers = self.config.workers
         self.engine = GuardedEngine(
-            create_engine(self.config.engine, rate_limiter[0] if rate_limiter else None),
+            _start_engine(self.config, rate_limiter[0] if rate_limiter else None),
             requests_in_flight=workers.requests_in_flight,
             outage_patience_s=workers.outage_patience_s,
             hang_timeout_s=workers.hang_timeout_s,
@@ -128,6 +135,30 @@ class _EngineWorker:
     def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
         """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
         raise NotImplementedError
+
+
+def _start_engine(config: RunConfig, rate_limiter: Any) -> Engine:
+    """The actor's engine, or where it refuses its settings on this node (a model folder the node
+    lacks, a model the hub refuses) one that refuses every call with that message: the first
+    shard then fails the pass as a refused setting (exit 2, one line). Raised here, Ray Data would
+    report the actor's death with a traceback instead."""
+    try:
+        return create_engine(config.engine, rate_limiter)
+    except EngineMisconfigured as err:
+        log.error("the engine refused its settings: %s", err)
+        return _Refusing(str(err))
+
+
+class _Refusing(Engine):
+    """An engine that could not start for its settings: every call says why."""
+
+    model_name = "refused"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        raise EngineMisconfigured(self.reason)
 
 
 async def _end_cleanly(attempt: commits.Attempt) -> None:
