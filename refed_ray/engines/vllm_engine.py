@@ -371,8 +371,15 @@ def resolve_max_model_len(config: EngineConfig, model_path: str) -> int | None:
     if config.max_model_len != "auto":
         return config.max_model_len
     model_config = read_model_config(model_path)
-    window = context_window(model_config) if model_config else None
-    return min(DEFAULT_MAX_MODEL_LEN, window or DEFAULT_MAX_MODEL_LEN)
+    return max_model_len_for(config, context_window(model_config) if model_config else None)
+
+
+def max_model_len_for(config: EngineConfig, window: int | None) -> int | None:
+    """The context vLLM is given for a model whose window is ``window`` (None: not stated): an
+    explicit value as it is, auto the window up to 16384, unset (None) the model's own."""
+    if config.max_model_len == "auto":
+        return min(DEFAULT_MAX_MODEL_LEN, window or DEFAULT_MAX_MODEL_LEN)
+    return config.max_model_len
 
 
 def check_model_config(config: EngineConfig) -> None:

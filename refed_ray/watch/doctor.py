@@ -33,6 +33,7 @@ from refed_ray.cluster import connect_ray
 from refed_ray.config import RunConfig
 from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.kinds import engine_kind
+from refed_ray.engines.vllm_engine import context_window, max_model_len_for
 from refed_ray.errors import UserError
 from refed_ray.run.output import refuse_local_output_on_cluster
 from refed_ray.storage import Storage
@@ -438,20 +439,17 @@ def _architecture(hf: dict[str, Any]) -> str:
     return ", ".join(hf.get("architectures") or []) or hf.get("model_type", "architecture not stated")
 
 
-def _context(hf: dict[str, Any]) -> int | None:
-    return hf.get("max_position_embeddings")
-
-
 def check_context(engine: EngineConfig, model: ModelFiles, where: str) -> Check:
     """engine.max_model_len within the model's context (vLLM refuses a longer one at start)."""
-    context = _context(model.hf)
-    if engine.max_model_len is None:
+    context = context_window(model.hf)
+    given = max_model_len_for(engine, context)
+    if given is None:
         return _ok("context", where, f"max_model_len unset: the model's own ({context or 'not stated'} tokens)")
-    if context and engine.max_model_len > context:
-        return _fail("context", where, f"max_model_len {engine.max_model_len} exceeds the model's context of "
-                                       f"{context} tokens (max_position_embeddings in its config.json)",
-                     f"set engine.max_model_len to {context} or less in the config")
-    return _ok("context", where, f"max_model_len {engine.max_model_len} within the model's "
+    if context and given > context:
+        return _fail("context", where, f"max_model_len {given} exceeds the model's context of "
+                                       f"{context} tokens (its config.json)",
+                     f"set engine.max_model_len to {context} or less, or to auto, in the config")
+    return _ok("context", where, f"max_model_len {given} ({engine.max_model_len}) within the model's "
                                  f"{context or 'unstated'} tokens")
 
 
@@ -476,7 +474,8 @@ def check_memory(config: RunConfig, model: ModelFiles, where: str) -> Check:
 
 
 def _sequence_tokens(engine: EngineConfig, model: ModelFiles) -> int:
-    return engine.max_model_len or _context(model.hf) or TYPICAL_SEQUENCE_TOKENS
+    context = context_window(model.hf)
+    return max_model_len_for(engine, context) or context or TYPICAL_SEQUENCE_TOKENS
 
 
 def _sequences(kv: float, per_token: float, tokens: int) -> str:
