@@ -55,11 +55,14 @@ def test_the_verdict_budget_is_checked():
         JudgeSampling(max_tokens=100, reasoning_max_chars=1500)
 
 
-def test_win_rate_counts_ties_half_with_a_normal_interval():
+def test_win_rate_counts_ties_half_with_a_wilson_interval():
     assert win_rate(0, 0, 0) == (None, None)
     rate, (low, high) = win_rate(6, 2, 2)
     assert rate == 0.7 and low < 0.7 < high
-    # per-pair scores 1 x6, 0 x2, 0.5 x2: sample sd 0.4216, se 0.1333, half width 0.2613
-    assert (low, high) == (0.4387, 0.9613)
-    assert win_rate(0, 0, 5) == (0.5, [0.5, 0.5])  # all ties: no spread
-    assert win_rate(50, 0, 0)[1] == [1.0, 1.0] and win_rate(3, 1, 0)[1][1] == 1.0  # clipped
+    # Wilson at p 0.7, n 10: centre (0.7 + z^2/20) / (1 + z^2/10) = 0.6445, half width 0.2477
+    assert (low, high) == (0.3968, 0.8922)
+    # Never a point: all ties, or every pair one way, still leave room (the normal interval gave
+    # [0.5, 0.5] and [1.0, 1.0] here).
+    assert win_rate(0, 0, 5) == (0.5, [0.1704, 0.8296])
+    assert win_rate(2, 0, 0) == (1.0, [0.3424, 1.0])
+    assert win_rate(50, 0, 0)[1] == [0.9287, 1.0] and win_rate(3, 1, 0)[1] == [0.3006, 0.9544]
