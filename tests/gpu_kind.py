@@ -26,7 +26,7 @@ class GpuFakeEngine(FakeEngine):
     """The fake teacher, recording which GPUs Ray gave its actor."""
 
     def __init__(self, config):
-        from refed_ray.engines.vllm_engine import check_model_on_node
+        from refed_ray.engines.model_source import check_model_on_node
 
         check_model_on_node(config)  # as VLLMEngine does before it loads the model
         super().__init__(config)

@@ -105,7 +105,7 @@ def test_the_driver_sizes_engines_without_importing_vllm():
 # ---- issue 22: what the first GPU run met ----------------------------------------------------
 
 from refed_ray.config import RunConfig, _digest, _REPLY_SHAPING_ENGINE_FIELDS, load_config  # noqa: E402
-from refed_ray.engines import vllm_engine  # noqa: E402
+from refed_ray.engines import model_source, vllm_engine  # noqa: E402
 from refed_ray.engines.base import EngineMisconfigured  # noqa: E402
 from refed_ray.errors import UserError  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
@@ -144,12 +144,12 @@ def test_pipeline_parallel_has_its_own_setting():
 
 
 def test_the_context_window_is_read_as_vllm_reads_it():
-    assert vllm_engine.context_window(LLAMA_3_8B) == 8192
-    assert vllm_engine.context_window(LLAMA_31) == 131072  # llama3 rope: already scaled
-    assert vllm_engine.context_window(GEMMA_3) == 131072  # text_config; gemma3 already scaled
-    assert vllm_engine.context_window(OLD_LINEAR_ROPE) == 8192  # vLLM scales linear rope
-    assert vllm_engine.context_window(GPT2) == 1024
-    assert vllm_engine.context_window({"model_type": "x"}) is None
+    assert model_source.context_window(LLAMA_3_8B) == 8192
+    assert model_source.context_window(LLAMA_31) == 131072  # llama3 rope: already scaled
+    assert model_source.context_window(GEMMA_3) == 131072  # text_config; gemma3 already scaled
+    assert model_source.context_window(OLD_LINEAR_ROPE) == 8192  # vLLM scales linear rope
+    assert model_source.context_window(GPT2) == 1024
+    assert model_source.context_window({"model_type": "x"}) is None
 
 
 @pytest.mark.parametrize("model, expected", [(LLAMA_3_8B, 8192), (GPT2, 1024), (LLAMA_31, 16384)])
@@ -273,8 +273,8 @@ def test_vllm_loading_a_gated_model_is_misconfigured_naming_hf_token():
             raise OSError("You are trying to access a gated repo.") from err
 
     with pytest.raises(EngineMisconfigured, match=r"hub refused engine.model 'org/gated' \(GatedRepoError\).*HF_TOKEN"):
-        with vllm_engine.hub_refusals_named(EngineConfig(model="org/gated")):
+        with model_source.hub_refusals_named(EngineConfig(model="org/gated")):
             load()
     with pytest.raises(ValueError, match="other"):  # anything else is left as it is
-        with vllm_engine.hub_refusals_named(EngineConfig(model="org/gated")):
+        with model_source.hub_refusals_named(EngineConfig(model="org/gated")):
             raise ValueError("other")

@@ -192,7 +192,7 @@ register(EngineKind(
     name="vllm",
     build=_from(VLLM_MODULE, "build"),
     check=_from(VLLM_MODULE, "check"),
-    secrets=_from(VLLM_MODULE, "hub_secrets"),
+    secrets=_from("refed_ray.engines.model_source", "hub_secrets"),
     actor_resources=_from(VLLM_MODULE, "actor_options"),
     resolve_device=_from(VLLM_MODULE, "resolve_device"),
     estimates_gpu_time=True,

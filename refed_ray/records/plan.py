@@ -117,17 +117,31 @@ def write_plan(
     storage.delete_many(sorted(set(listed) - set(files)))  # the old plan, or what killed writes left
     planned = sum(_rows(storage, f) for f in files)
     wanted = units if units is not None else units_needed(num_samples, k)
-    new_units = itertools.islice(unit_order(reference_ids, run_seed), planned, max(wanted, planned))
     part, rows = len(files), []
-    for shard in _batched(new_units, units_per_shard):
-        name = shard_name(PassName.SYNTHESIS, [u.unit_id for u in shard])
-        rows += [{"shard": name, **u.model_dump()} for u in shard]
+    for shard in _shard_rows(reference_ids, run_seed, planned, max(wanted, planned), units_per_shard):
+        rows += shard
         if len(rows) >= ROWS_PER_PLAN_FILE:
             files.append(_write_part(storage, part, rows))
             part, rows = part + 1, []
     if rows:
         files.append(_write_part(storage, part, rows))
     return summarize(storage, files)
+
+
+def next_shards(reference_ids: list[str], run_seed: int, planned: int, units: int, units_per_shard: int) -> list[pa.Table]:
+    """The shards a plan of ``planned`` units appends when extended by ``units`` units (the same
+    cut as ``write_plan``'s: a plan extended by the first j of them has these j shards), one table
+    each, not written anywhere."""
+    return [pa.Table.from_pylist(rows, PLAN_SCHEMA)
+            for rows in _shard_rows(reference_ids, run_seed, planned, planned + units, units_per_shard)]
+
+
+def _shard_rows(reference_ids: list[str], run_seed: int, start: int, stop: int, units_per_shard: int):
+    """Plan rows of the units ``start`` to ``stop`` of the order, shard by shard."""
+    new_units = itertools.islice(unit_order(reference_ids, run_seed), start, stop)
+    for shard in _batched(new_units, units_per_shard):
+        name = shard_name(PassName.SYNTHESIS, [u.unit_id for u in shard])
+        yield [{"shard": name, **u.model_dump()} for u in shard]
 
 
 def summarize(storage: Storage, files: list[str]) -> PlanSummary:

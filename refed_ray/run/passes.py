@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,17 +131,18 @@ def _stopped(pass_name: str, err: Exception) -> RunStopped:
 def run_engine_pass(
     pass_name: str, blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], committed: CommitLog, *,
     config: RunConfig, engines: int, progress: AbstractContextManager | None = None,
-    index_every: int = INDEX_EVERY_SHARDS,
+    index_every: int = INDEX_EVERY_SHARDS, on_commit: Callable[[Commit], None] | None = None,
 ) -> PassResult:
     """Run ``worker`` actors over ``blocks`` (one shard each) and drain their commits into
     ``committed``; see the module's docstring. ``engines``: the pool's size before
     ``workers.num_engines`` bounds it. ``progress``: entered while the pass drains.
-    ``index_every``: commits absorbed into the index at once."""
+    ``index_every``: commits absorbed into the index at once. ``on_commit``: called with each
+    commit as it comes (the synthesis pass sizes its reserve shards so: ``reserve.py``)."""
     if not blocks:
         return PassResult()
     dataset = engine_dataset(blocks, worker, worker_args, config, engines)
     with progress or nullcontext():
-        return drain(dataset, committed, pass_name, index_every)
+        return drain(dataset, committed, pass_name, index_every, on_commit)
 
 
 def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str], run_id: str) -> dict[str, Any]:
@@ -218,7 +220,8 @@ def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     )
 
 
-def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDEX_EVERY_SHARDS) -> PassResult:
+def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDEX_EVERY_SHARDS,
+          on_commit: Callable[[Commit], None] | None = None) -> PassResult:
     """Run a pass to the end, absorbing its commits into the index as they come."""
     result, started, unindexed = PassResult(), time.time(), 0
     try:
@@ -231,6 +234,8 @@ def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDE
                 result.stats += commit.stats
                 result.shards += 1
                 unindexed += 1
+                if on_commit is not None:
+                    on_commit(commit)
             if unindexed >= index_every:
                 committed.write_index(pass_name)
                 unindexed = 0

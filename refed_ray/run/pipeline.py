@@ -49,6 +49,7 @@ from refed_ray.run.passes import (
     run_engine_pass,
 )
 from refed_ray.run.progress import ProgressLog
+from refed_ray.run.reserve import Reserve
 from refed_ray.run.restart_warning import explain_restart_warning
 from refed_ray.run.workers import FeedbackWorker, SynthesisWorker
 from refed_ray.storage import Storage
@@ -116,7 +117,13 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))],
                       **({"earlier": [ray.put(checked.earlier)]} if checked.earlier else {})}
     while True:
-        this_run += _synthesis_pass(storage, committed, config, synthesis_args)
+        reserve = _reserve(committed, config, reference_ids, plan) if checked.earlier is None else None
+        this_run += _synthesis_pass(storage, committed, config, synthesis_args, reserve)
+        if reserve is not None:
+            plan = reserve.absorb(storage, committed, reference_ids, config.num_samples, config.seed,
+                                  config.workers.units_per_shard) or plan
+            if pending_shards(read_plan(storage), set(committed.commits[SYNTHESIS.name])):
+                continue  # a reserve shard refused while a later one ran: run the hole, then size a top-up
         _apply_filters(storage, committed, config)
         more = _top_up_units(committed, config, plan.units) if checked.earlier is None else 0
         if not more:
@@ -254,17 +261,36 @@ def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, r
                     index_every=INDEX_EVERY_SHARDS)
 
 
-def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict) -> PassResult:
+def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict,
+                    reserve: Reserve | None = None) -> PassResult:
+    """The plan's pending shards, then the reserve's shards not committed yet (``reserve.py``)."""
     plan = read_plan(storage)
-    blocks = pending_shards(plan, set(committed.commits[SYNTHESIS.name]))
+    done = set(committed.commits[SYNTHESIS.name])
+    blocks = pending_shards(plan, done)
     if not blocks:
         return PassResult()
-    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(committed.commits[SYNTHESIS.name]))
+    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(done))
+    extra, on_commit = {}, None
+    if reserve is not None:
+        blocks += [b for b in reserve.blocks if b.column("shard")[0].as_py() not in done]
+        extra, on_commit = reserve.worker_args(), reserve.on_commit
     # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
     progress = ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
                            target=config.num_samples, every_s=PROGRESS_EVERY_S)
-    return run_engine_pass(SYNTHESIS.name, blocks, SynthesisWorker, engine_args, committed, config=config,
-                           engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS)
+    return run_engine_pass(SYNTHESIS.name, blocks, SynthesisWorker, {**engine_args, **extra}, committed,
+                           config=config, engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS,
+                           on_commit=on_commit)
+
+
+def _reserve(committed: CommitLog, config: RunConfig, reference_ids: list[str], plan: PlanSummary) -> Reserve | None:
+    """Reserve shards for the synthesis pass, sized from the top-up budget (``reserve.py``). The
+    yield so far is synthesis's own (the filters' drops are not known until they run again)."""
+    done = committed.commits[SYNTHESIS.name].values()
+    return Reserve.plan(
+        reference_ids, config.seed, plan, config.workers.units_per_shard,
+        units_done=sum(len(c.ids) for c in done), accepted=sum(c.stats.samples for c in done),
+        k=config.instructions_per_aspect, num_samples=config.num_samples, budget=max_units(config) - plan.units,
+    )
 
 
 def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback]:

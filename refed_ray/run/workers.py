@@ -86,6 +86,9 @@ class _EngineWorker:
         commit = await asyncio.to_thread(
             commits.find_commit, self.storage, self.pass_name, shard, self.run_id
         )
+        if commit is None and not await self.wanted(shard):
+            yield COMMIT_SCHEMA.empty_table()  # a reserve shard the run does not need: nothing to commit
+            return
         if commit is None:
             async with self.shard_slots:
                 attempt = await asyncio.to_thread(
@@ -128,6 +131,10 @@ class _EngineWorker:
             commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt.number,
             self.run_id,
         )
+
+    async def wanted(self, shard: str) -> bool:
+        """Whether to work on ``shard`` (a reserve shard may not be needed: ``run/reserve.py``)."""
+        return True
 
     async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
         raise NotImplementedError
@@ -209,12 +216,24 @@ class SynthesisWorker(_EngineWorker):
     id_column = "unit_id"
 
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef],
-                 earlier: list[ray.ObjectRef] | None = None, **kwargs):
+                 earlier: list[ray.ObjectRef] | None = None, reserve: list | None = None, **kwargs):
         super().__init__(config_json, secrets, **kwargs)
+        # The pass's reserve shards and the gate that says which of them are wanted (reserve.py).
+        self.reserve_gate, self.reserve_shards = (reserve[0], set(reserve[1])) if reserve else (None, set())
         self.feedback: dict[str, Feedback] = ray.get(feedback[0])
         # instructions_from: the earlier run's committed files by shard (instructions_from.py).
         self.earlier: EarlierRun | None = ray.get(earlier[0]) if earlier else None
         _warn_if_underfilled(self.config, self.engine.max_concurrency)
+
+    async def wanted(self, shard: str) -> bool:
+        if shard not in self.reserve_shards:
+            return True
+        try:
+            return await self.reserve_gate.claim.remote(shard)
+        except ray.exceptions.RayError as err:
+            # A reserve shard left undone costs a top-up round at worst; a failed pass costs more.
+            log.warning("reserve gate unreachable, skipping reserve shard %s: %s", shard, err)
+            return False
 
     async def process(self, rows):
         units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]

@@ -33,7 +33,7 @@ from refed_ray.cluster import connect_ray
 from refed_ray.config import RunConfig
 from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.kinds import engine_kind
-from refed_ray.engines.vllm_engine import context_window, max_model_len_for
+from refed_ray.engines.model_source import context_window, max_model_len_for
 from refed_ray.errors import UserError
 from refed_ray.run.output import refuse_local_output_on_cluster
 from refed_ray.storage import Storage
