@@ -12,6 +12,7 @@ appends "<pid> <ray.get_gpu_ids()> <CUDA_VISIBLE_DEVICES> <HF_TOKEN set?>" to wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -46,14 +47,9 @@ def _build(config, rate_limiter=None):
     return GpuFakeEngine(config)
 
 
-FAKE_VLLM = kinds.EngineKind(
-    name=NAME,
-    build=_build,
-    check=kinds._from(kinds.VLLM_MODULE, "check"),
-    secrets=kinds._from(kinds.VLLM_MODULE, "hub_secrets"),
-    actor_resources=kinds._from(kinds.VLLM_MODULE, "actor_options"),
-    resolve_device=kinds._from(kinds.VLLM_MODULE, "resolve_device"),
-)
+# The vllm kind's own entry, every hook but the engine it builds: the same checks, secrets, Ray
+# options and device resolution as a real vLLM engine's.
+FAKE_VLLM = dataclasses.replace(kinds.engine_kind("vllm"), name=NAME, build=_build)
 
 
 def register() -> None:
