@@ -17,7 +17,7 @@ from refed_ray.engines.config import EngineConfig
 from refed_ray.engines.kinds import create_engine
 from refed_ray.errors import UserError
 from refed_ray.run.passes import engine_map_args as _engine_map_args
-from refed_ray.run.pipeline import _check_engine, _engine_secrets, _resolve_device
+from refed_ray.run.pipeline import _check_engine, _engine_secrets, resolve_device_on_cluster
 from tests.conftest import FAKE_ENGINE, ROOT
 from tests.fake_engine import FakeEngine
 
@@ -54,7 +54,7 @@ def test_a_registered_kind_is_accepted_by_config_and_cli_and_sizes_its_actors(gp
     assert isinstance(create_engine(config.engine), FakeEngine)
     _check_engine(config)  # nothing to check by default
     assert _engine_secrets(config) == {}
-    assert _resolve_device(config) is config
+    assert resolve_device_on_cluster(config) is config
 
 
 def test_a_custom_engine_asks_ray_for_its_engine_resources(tmp_path):
@@ -120,11 +120,11 @@ def test_the_openai_key_is_checked_once_for_driver_and_actors(monkeypatch):
 
 def test_only_vllm_resolves_device_auto(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 4})
-    assert _resolve_device(RunConfig()).engine.device == "cuda"
+    assert resolve_device_on_cluster(RunConfig()).engine.device == "cuda"
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8})
-    assert _resolve_device(RunConfig()).engine.device == "cpu"
+    assert resolve_device_on_cluster(RunConfig()).engine.device == "cpu"
     custom = RunConfig(engine=FAKE_ENGINE)
-    assert _resolve_device(custom) is custom
+    assert resolve_device_on_cluster(custom) is custom
 
 
 def test_the_registry_imports_no_engine_module():

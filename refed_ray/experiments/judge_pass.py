@@ -212,7 +212,7 @@ def run_judge_pass(root: Storage, pairs: pa.Table, judge: JudgeConfig, judged: d
         return committed
     log.info("judge: %d shards of pairs to do (%d committed)", len(blocks), len(committed.commits[STAGE]))
     pipeline._connect_ray()
-    config = pipeline._resolve_device(config)
+    config = pipeline.resolve_device_on_cluster(config)
     engine_args = {**engine_worker_args(config, root, secrets, run_id),
                    "judge_sampling_json": judge.sampling.model_dump_json()}
     run_engine_pass(STAGE, blocks, JudgeWorker, engine_args, committed, config=config, engines=len(blocks))

@@ -14,8 +14,8 @@ from typing import Any
 
 import ray
 
-from refed_ray.config import RunConfig
 from refed_ray.cluster import connect_ray
+from refed_ray.config import RunConfig
 from refed_ray.data.dataset import compact_dataset
 from refed_ray.data.filters.dedup import DEDUP, deduplicate
 from refed_ray.data.kept import RUN_FILTERS, accepted_samples, dropped_keys, pass_totals
@@ -95,7 +95,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     storage, seeds, resumed = checked.storage, checked.seeds, checked.resumed
     _connect_ray()
     refuse_local_output_on_cluster(storage, config)
-    on_cluster = _resolve_device(config)  # run.json keeps the config as given (device: auto)
+    on_cluster = resolve_device_on_cluster(config)  # run.json keeps the config as given (device: auto)
     check_engines_fit(on_cluster)
     run_id = start_output(storage, config, checked.fingerprint, force_new)
 
@@ -318,7 +318,7 @@ def _connect_ray() -> None:
     explain_restart_warning()  # before the first engine actor
 
 
-def _resolve_device(config: RunConfig) -> RunConfig:
+def resolve_device_on_cluster(config: RunConfig) -> RunConfig:
     """``engine.device: auto`` as the kind resolves it against the Ray cluster now (vllm: cuda or cpu)."""
     engine = engine_kind(config.engine.kind).resolve_device(config.engine)
     return config if engine is config.engine else config.model_copy(update={"engine": engine})

@@ -36,6 +36,7 @@ from refed_ray.engines.kinds import engine_kind
 from refed_ray.engines.model_source import context_window, max_model_len_for
 from refed_ray.errors import UserError
 from refed_ray.run.output import refuse_local_output_on_cluster
+from refed_ray.run.pipeline import resolve_device_on_cluster
 from refed_ray.storage import Storage
 from refed_ray.watch.estimate import preflight_leaving_no_folder
 from refed_ray.watch.sizing import GB, kv_bytes_per_token, kv_cache_bytes, parse_config, shape_from_config
@@ -77,8 +78,8 @@ def doctor(config: RunConfig, *, force_new: bool = False, wait_s: float = 600,
     """Every check, on the driver and on one node of each kind that can take an engine."""
     checks = [check_run(config, force_new)]
     connect_ray()  # RAY_ADDRESS's cluster, or the one `ray job submit` runs this in
-    engine = engine_kind(config.engine.kind).resolve_device(config.engine)
-    config = config.model_copy(update={"engine": engine})
+    config = resolve_device_on_cluster(config)
+    engine = config.engine
     options = engine_kind(engine.kind).actor_resources(engine)
     demand = resource_demand(options)
     nodes = wait_for_nodes(demand, wait_s, say)
