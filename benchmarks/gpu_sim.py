@@ -20,10 +20,11 @@ Printed: whole-run efficiency = tokens made / (GPUs x full-batch rate x time fro
 ready to the last token), and where the rest of that GPU time went, from the engines' own records
 (load and ready times, every change of their batch size) and the driver's phases:
 
-- engine loads: GPU time spent loading engines;
-- feedback pass: GPUs without an engine while the (small) feedback pool works, and its own idling;
-- between passes: the driver's work after a pass (reading and broadcasting feedback, the dedup
-  filter, planning a top-up) with no engine alive, and the exits and starts around it;
+- engine loads: GPU time spent loading engines, or without an engine while others are ready;
+- feedback pass: the engines under-filled while they collect the feedback (the run's engine pass
+  until the driver reads the feedback for its broadcast: ``refed_ray.run.broadcast``);
+- between passes: the driver's work after a pass (the dedup filter, planning a top-up) with no
+  engine alive, and the exits and starts around it;
 - synthesis, steady state: engines under-filled (fewer than 256 sequences) or idle between shards,
   before an engine last held a full batch;
 - synthesis, tails: after an engine last held a full batch until the pass ends;
@@ -51,9 +52,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from benchmarks.scale import write_seeds
 from benchmarks.sim_engine import FULL_BATCH, full_batch_rate, step_s
 
-# The driver's functions timed as phases (refed_ray.run.pipeline's names).
-PHASES = ("_feedback_pass", "_read_feedback", "_synthesis_pass", "_apply_filters", "_top_up_units", "write_plan",
-          "compact_dataset", "data_quality", "build_report")
+# The driver's functions timed as phases (refed_ray.run.pipeline's names), and the one that marks
+# the end of the feedback inside the run's engine pass (refed_ray.run.broadcast's).
+PHASES = ("_engine_pass", "_apply_filters", "_top_up_units", "write_plan", "compact_dataset", "data_quality",
+          "build_report")
+FEEDBACK_READ = "read_feedback"
 
 
 def config_for(args, seeds: Path, output: Path, records: Path, units_per_shard: int) -> dict:
@@ -81,11 +84,12 @@ def one(config_json: str, nodes: int, gpus_per_node: int, phases_file: str) -> N
     import ray
 
     from refed_ray.config import RunConfig
-    from refed_ray.run import pipeline
+    from refed_ray.run import broadcast, pipeline
 
     phases: list[tuple[str, float, float]] = []
     config = RunConfig.model_validate_json(config_json)
-    _time_phases(pipeline, phases, Path(config.engine.engine_kwargs["records_dir"]) / "pass_started")
+    _time_phases(pipeline, PHASES, phases, Path(config.engine.engine_kwargs["records_dir"]) / "pass_started")
+    _time_phases(broadcast, (FEEDBACK_READ,), phases, None)
     cluster = start_cluster(nodes, gpus_per_node)
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
@@ -116,15 +120,15 @@ def start_cluster(nodes: int, gpus_per_node: int):
             time.sleep(10)
 
 
-def _time_phases(module, phases: list, pass_started: Path) -> None:
+def _time_phases(module, names: tuple[str, ...], phases: list, pass_started: Path | None) -> None:
     """Wrap the pipeline's phases in timers; an engine pass's start also goes to ``pass_started``
     (the simulated engines count their load from it: sim_engine.py)."""
-    for name in PHASES:
+    for name in names:
         original = getattr(module, name)
 
         def timed(*args, _original=original, _name=name, **kwargs):
             started = time.time()
-            if _name in ("_feedback_pass", "_synthesis_pass"):
+            if _name == "_engine_pass":
                 pass_started.write_text(str(started))
             try:
                 return _original(*args, **kwargs)
@@ -170,8 +174,8 @@ def analyse(records: list[dict], phases: list, gpus: int, scale: float, bins: in
     first_half = t < (t[first].min() + t[first].max()) / 2 if first.any() else first
     # A GPU without an engine in the first synthesis pass: waiting for its actor early on, or left
     # by an actor that exited near the end.
-    for name, mask in (("feedback pass", phase == 1), ("top-up rounds", phase >= 3), ("between passes", phase == 0),
-                       ("engine loads", first & first_half), ("synthesis: tails", first & ~first_half)):
+    for name, mask in (("top-up rounds", phase >= 3), ("between passes", phase == 0),
+                       ("engine loads", (first & first_half) | (phase == 1)), ("synthesis: tails", first & ~first_half)):
         losses[name] += empty[mask].sum()
     capacity = gpus * rate * (end - start) / scale
     between_real = ((phase == 0).sum() * (end - start) / bins)
@@ -182,10 +186,10 @@ def analyse(records: list[dict], phases: list, gpus: int, scale: float, bins: in
 
 def _attribute(losses, lost, loading, b, tail, phase, dt) -> None:
     first = phase == 2
-    losses["feedback pass"] += lost[phase == 1].sum() * dt
+    losses["feedback pass"] += lost[(phase == 1) & ~loading].sum() * dt
     losses["between passes"] += lost[phase == 0].sum() * dt
     losses["top-up rounds"] += lost[phase >= 3].sum() * dt
-    losses["engine loads"] += lost[first & loading].sum() * dt
+    losses["engine loads"] += lost[(first | (phase == 1)) & loading].sum() * dt
     steady, ending = first & ~loading & ~tail, first & ~loading & tail
     losses["synthesis: under-filled"] += lost[steady & (b > 0)].sum() * dt
     losses["synthesis: idle between shards"] += lost[steady & (b == 0)].sum() * dt
@@ -193,16 +197,18 @@ def _attribute(losses, lost, loading, b, tail, phase, dt) -> None:
 
 
 def _phase_of(t, phases: list):
-    """Per instant: 1 feedback pass, 2 the first synthesis pass, 3+ a top-up round's pass, 0 else."""
+    """Per instant: 1 the feedback (from the first engine pass's start until its feedback is read
+    for the broadcast), 2 the rest of the first engine pass (synthesis), 3+ a top-up round's pass,
+    0 else."""
     import numpy as np
 
     phase = np.zeros(len(t), dtype=int)
-    synthesis = sorted(p for p in phases if p[0] == "_synthesis_pass")
-    for name, begin, finish in phases:
-        if name == "_feedback_pass":
-            phase[(t >= begin) & (t < finish)] = 1
-    for number, (_, begin, finish) in enumerate(synthesis):
+    passes = sorted(p for p in phases if p[0] == "_engine_pass")
+    for number, (_, begin, finish) in enumerate(passes):
         phase[(t >= begin) & (t < finish)] = 2 + number
+    read = [finish for name, _, finish in phases if name == FEEDBACK_READ]
+    if passes and read:
+        phase[(t >= passes[0][1]) & (t < min(read))] = 1
     return phase
 
 
@@ -250,9 +256,11 @@ def show(result: dict, args, units_per_shard: int) -> None:
           f"{result['engines']} engine loads, {result['wall_s']:.0f} s real")
     print(f"  span {result['span_s'] / 60:.1f} simulated minutes; tokens made {result['made'] / 1e6:.2f}M "
           f"(engines' count {result['tokens'] / 1e6:.2f}M)")
-    passes = sorted((b, n, f) for n, b, f in result["phases"] if n in ("_feedback_pass", "_synthesis_pass"))
-    print("  passes (simulated minutes): " + ", ".join(
-        f"{n.strip('_').replace('_pass', '')} {(f - b) / scale / 60:.1f}" for b, n, f in passes))
+    passes = sorted((b, f) for n, b, f in result["phases"] if n == "_engine_pass")
+    read = min((f for n, _, f in result["phases"] if n == FEEDBACK_READ), default=None)
+    print("  engine passes (simulated minutes): " + ", ".join(f"{(f - b) / scale / 60:.1f}" for b, f in passes)
+          + (f"; feedback broadcast {(read - passes[0][0]) / scale / 60:.1f} after the first began"
+             if read and passes else ""))
     efficiency = result["made"] / result["capacity"]
     print(f"  whole-run efficiency {efficiency:.3f}")
     for name, lost in result["losses"].items():

@@ -138,7 +138,8 @@ class WorkersConfig(_Section):
 
     num_engines: int = Field(1, ge=1, description="engine actors (each holds one engine)")
     feedback_references_per_engine: int = Field(
-        1000, ge=1, description="the feedback pass (two calls a reference) starts one engine per this many references"
+        1000, ge=1, description="ignored: the feedback and the synthesis share one pool of engines (each loads "
+        "once); accepted so that configs written before still load"
     )
     units_per_shard: int = Field(
         64, ge=1, description="work units per shard: the unit of commit, and of work redone when an actor dies"

@@ -137,15 +137,22 @@ def test_rejects_are_topped_up_to_exactly_n(tmp_path):
     assert again["plan"]["units"] == report["plan"]["units"] and again["delivered"] == 60
 
 
-def test_the_feedback_pass_starts_engines_for_its_work_not_for_synthesis(tmp_path):
+def test_one_pool_of_engines_collects_the_feedback_then_synthesizes_each_loaded_once(tmp_path):
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(6))
-    calls = tmp_path / "calls.log"
-    engine = {**FAKE_ENGINE, "engine_kwargs": {"calls_log": str(calls)}}
+    calls, loads = tmp_path / "calls.log", tmp_path / "loads.log"
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"calls_log": str(calls), "loads_log": str(loads)}}
     report = run(make_config(tmp_path, seeds, num_samples=36, engine=engine,
-                             workers={"num_engines": 2, "units_per_shard": 2, "feedback_references_per_engine": 100}))
+                             workers={"num_engines": 2, "units_per_shard": 2}))
     served: dict[str, set[str]] = {}
+    order = []
     for line in calls.read_text().splitlines():
         pid, title = line.split()
-        served.setdefault("feedback" if title.endswith("Analysis") else "synthesis", set()).add(pid)
-    assert report["samples"] == 36
-    assert len(served["feedback"]) == 1  # 6 references in 3 shards: one engine
+        kind = "feedback" if title.endswith("Analysis") else "synthesis"
+        served.setdefault(kind, set()).add(pid)
+        order.append(kind)
+    assert report["samples"] == 36 and report["feedback_rows"] == 6
+    # Two engines, each loaded once, served both: no pool of its own for the feedback.
+    assert len(loads.read_text().splitlines()) == 2
+    assert served["feedback"] <= served["synthesis"] and len(served["synthesis"]) == 2
+    # Every feedback call came before the first synthesis call: synthesis waits for the broadcast.
+    assert order.index("synthesis") > max(i for i, kind in enumerate(order) if kind == "feedback")

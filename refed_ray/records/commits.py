@@ -95,6 +95,11 @@ def shard_name(pass_name: str, ids: list[str]) -> str:
     return f"{pass_name}-{digest}"
 
 
+def pass_of(shard: str) -> str:
+    """The pass a shard belongs to: its name starts with it (``shard_name``)."""
+    return shard.rsplit("-", 1)[0]
+
+
 def current_run_id(storage: Storage) -> str:
     """The id of the run that owns OUTPUT: the only run whose commits count."""
     return run_id_of(storage.uri, read_run_file(storage)) if storage.exists(RUN_FILE) else ""

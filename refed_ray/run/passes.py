@@ -5,8 +5,9 @@ and cuts its work into shards named by the ids they cover (``Pass.shard_name``: 
 always has the same name, so a resumed pass skips what is committed). The run's passes:
 
 - ``SEEDS``: the driver commits the skipped seed rows once (``commits.commit_on_driver``);
-- ``FEEDBACK``: an engine pass over shards of references (``workers.FeedbackWorker``);
-- ``SYNTHESIS``: an engine pass over the plan's shards of work units (``plan.py`` cuts them);
+- ``FEEDBACK``: shards of references (``workers.FeedbackWork``);
+- ``SYNTHESIS``: the plan's shards of work units (``plan.py`` cuts them; ``workers.SynthesisWork``);
+  both in one engine pass, on one pool of engines (``workers.RunWorker``, ``broadcast.py``);
 - ``DEDUP`` and any filter: the driver commits a filter's drops (``filters/base.py``).
 
 The commit protocol (markers, index, run_id, attempts, and the driver's own commits:
@@ -19,14 +20,14 @@ pass's commits into its index as they come (``CommitLog.write_index``).
     blocks = JUDGE.cut(rows, id_key="pair_id", size=64)        # one pa.Table per shard, "shard" first
     committed = CommitLog(judge_storage, run_id="", passes=(JUDGE.name,))
     todo = JUDGE.pending(blocks, committed)                    # shards not yet committed
-    result = run_engine_pass(JUDGE.name, todo, JudgeWorker, worker_args, committed, config=config,
-                             engines=min(len(todo), 4))
+    results = run_engine_pass(JUDGE.name, todo, JudgeWorker, worker_args, committed, config=config,
+                              engines=min(len(todo), 4))             # {pass name: PassResult}
 
 - ``blocks``: one small pyarrow table per shard, with a ``shard`` column (every row the same
   name) and the worker's ``id_column``. Ray Data gets one block per shard: a task is one shard,
   and a retried task redoes one shard at most.
 - ``worker``: a ``workers._EngineWorker`` subclass (``pass_name``, ``id_column``, ``process``,
-  ``abandon``). Its actors each host one engine (``engine_map_args``: the pool, the engine kind's
+  ``abandon``; a worker of several passes hands each shard to its pass's ``PassWork``: ``work_for``). Its actors each host one engine (``engine_map_args``: the pool, the engine kind's
   resources, Ray's restarts and retries); ``worker_args`` are its constructor's keyword arguments
   (``engine_args``: config_json, secrets, run_id, submission, ...). A worker commits to
   ``Storage(config.output)``; one committing elsewhere sets ``self.storage`` in its ``__init__``
@@ -38,7 +39,7 @@ pass's commits into its index as they come (``CommitLog.write_index``).
   the actor (``workers.py``), a shard whose engine dies every time becomes the worker's rejects;
   any other error of Ray's execution stops the run (``RunStopped``, one line). Ray Data's own
   no-progress timeout is off (``NO_PROGRESS_TIMEOUT_OFF``).
-- Returns a ``PassResult``: shards committed now, seconds, summed ``ShardStats``.
+- Returns a ``PassResult`` per pass: shards committed now, seconds, summed ``ShardStats``.
 """
 
 from __future__ import annotations
@@ -129,20 +130,22 @@ def _stopped(pass_name: str, err: Exception) -> RunStopped:
 
 
 def run_engine_pass(
-    pass_name: str, blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], committed: CommitLog, *,
+    label: str, blocks: list[pa.Table], worker: type, worker_args: dict[str, Any], committed: CommitLog, *,
     config: RunConfig, engines: int, progress: AbstractContextManager | None = None,
     index_every: int = INDEX_EVERY_SHARDS, on_commit: Callable[[Commit], None] | None = None,
-) -> PassResult:
+) -> dict[str, PassResult]:
     """Run ``worker`` actors over ``blocks`` (one shard each) and drain their commits into
-    ``committed``; see the module's docstring. ``engines``: the pool's size before
-    ``workers.num_engines`` bounds it. ``progress``: entered while the pass drains.
-    ``index_every``: commits absorbed into the index at once. ``on_commit``: called with each
-    commit as it comes (the synthesis pass sizes its reserve shards so: ``reserve.py``)."""
+    ``committed``; see the module's docstring. ``label``: the pass as messages name it (blocks
+    of several passes, as the run's engine pass has: ``RunWorker``, say "feedback and synthesis").
+    ``engines``: the pool's size before ``workers.num_engines`` bounds it. ``progress``: entered
+    while the pass drains. ``index_every``: commits absorbed into the index at once.
+    ``on_commit``: called with each commit as it comes (the run's feedback broadcast and reserve
+    shards: ``broadcast.py``, ``reserve.py``). Returns each pass's ``PassResult``."""
     if not blocks:
-        return PassResult()
+        return {}
     dataset = engine_dataset(blocks, worker, worker_args, config, engines)
     with progress or nullcontext():
-        return drain(dataset, committed, pass_name, index_every, on_commit)
+        return drain(dataset, committed, label, index_every, on_commit)
 
 
 def engine_worker_args(config: RunConfig, root: Storage, secrets: dict[str, str], run_id: str) -> dict[str, Any]:
@@ -220,10 +223,12 @@ def engine_map_args(config: RunConfig, engines: int) -> dict[str, Any]:
     )
 
 
-def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDEX_EVERY_SHARDS,
-          on_commit: Callable[[Commit], None] | None = None) -> PassResult:
-    """Run a pass to the end, absorbing its commits into the index as they come."""
-    result, started, unindexed = PassResult(), time.time(), 0
+def drain(dataset, committed: CommitLog, label: str, index_every: int = INDEX_EVERY_SHARDS,
+          on_commit: Callable[[Commit], None] | None = None) -> dict[str, PassResult]:
+    """Run a pass to the end, absorbing its commits into each pass's index as they come."""
+    results: dict[str, PassResult] = {}
+    unindexed: dict[str, int] = {}
+    started = time.time()
     try:
         # No prefetch: Ray Data's prefetcher holds each finished block back until the next one
         # comes, so the driver (its index, its progress line) would learn of a commit a shard late.
@@ -231,27 +236,36 @@ def drain(dataset, committed: CommitLog, pass_name: str, index_every: int = INDE
             for line in batch.column("commit").to_pylist():
                 commit = Commit.model_validate_json(line)
                 committed.add(commit)
+                result = results.setdefault(commit.pass_name, PassResult())
                 result.stats += commit.stats
                 result.shards += 1
-                unindexed += 1
+                unindexed[commit.pass_name] = unindexed.get(commit.pass_name, 0) + 1
                 if on_commit is not None:
                     on_commit(commit)
-            if unindexed >= index_every:
+            for pass_name in [name for name, count in unindexed.items() if count >= index_every]:
                 committed.write_index(pass_name)
-                unindexed = 0
+                unindexed[pass_name] = 0
     except Exception as err:
-        if MISCONFIGURED in str(err):
-            reason = str(err).split(MISCONFIGURED + ": ", 1)[-1].splitlines()[0]
-            raise UserError(f"the {pass_name} pass stopped: {reason}") from None
-        if OUTAGE in str(err):
-            reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
-            raise RunStopped(
-                f"the {pass_name} pass stopped: the engine was unavailable ({reason}). Nothing was "
-                "recorded as rejected for it, and committed shards are kept: submit the same command "
-                "again to resume."
-            ) from None
-        raise _stopped(pass_name, err) from None
+        raise _stopped_by(label, err) from None
     finally:
-        committed.write_index(pass_name)
-    result.seconds = time.time() - started
-    return result
+        for pass_name in unindexed:
+            committed.write_index(pass_name)
+    for result in results.values():
+        result.seconds = time.time() - started  # the passes share the engines for the whole drain
+    return results
+
+
+def _stopped_by(label: str, err: Exception) -> Exception:
+    """The error that ended a pass, as the user reads it: settings (exit 2), an outage or anything
+    else (exit 3), in one line."""
+    if MISCONFIGURED in str(err):
+        reason = str(err).split(MISCONFIGURED + ": ", 1)[-1].splitlines()[0]
+        return UserError(f"the {label} pass stopped: {reason}")
+    if OUTAGE in str(err):
+        reason = str(err).split(OUTAGE + ": ", 1)[-1].splitlines()[0]
+        return RunStopped(
+            f"the {label} pass stopped: the engine was unavailable ({reason}). Nothing was "
+            "recorded as rejected for it, and committed shards are kept: submit the same command "
+            "again to resume."
+        )
+    return _stopped(label, err)

@@ -1,7 +1,10 @@
-"""The run, end to end: seeds -> plan -> feedback pass -> broadcast -> synthesis pass -> filters -> top-up -> dataset -> report.
+"""The run, end to end: seeds -> plan -> engine pass (feedback -> broadcast -> synthesis) -> filters -> top-up -> dataset -> report.
 
-Nothing grows with N on the driver but the plan's shard list: both engine passes stream through
-Ray Data, one task per shard (``passes.py``), and the driver only sees one small commit row per shard.
+One pool of engine actors, each loading its engine once, works through the feedback shards and
+then the synthesis shards in one Ray Data pass (``workers.RunWorker``); the synthesis shards wait
+for the feedback's broadcast (``broadcast.py``). Nothing grows with N on the driver but the plan's
+shard list: the pass streams through Ray Data, one task per shard (``passes.py``), and the driver
+only sees one small commit row per shard.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from refed_ray.cluster import connect_ray
@@ -22,8 +27,8 @@ from refed_ray.data.kept import RUN_FILTERS, accepted_samples, dropped_keys, pas
 from refed_ray.data.quality import data_quality
 from refed_ray.data.seeds import SeedSet, read_seeds
 from refed_ray.engines.kinds import engine_kind
-from refed_ray.records.commits import CommitLog, commit_on_driver
-from refed_ray.records.models import Feedback, Reference, Reject, to_table
+from refed_ray.records.commits import Commit, CommitLog, commit_on_driver
+from refed_ray.records.models import Reference, Reject, to_table
 from refed_ray.records.plan import (
     PlanSummary,
     pending_shards,
@@ -36,6 +41,7 @@ from refed_ray.records.plan import (
 from refed_ray.records.stages import Stage
 from refed_ray.reports.report import build_report
 from refed_ray.reports.views import write_views_after_run
+from refed_ray.run.broadcast import FeedbackBroadcast
 from refed_ray.run.instructions_from import EarlierRun, copy_plan, read_earlier_run
 from refed_ray.run.output import check_output, refuse_local_output_on_cluster, run_fingerprint, start_output
 from refed_ray.run.passes import (
@@ -51,7 +57,7 @@ from refed_ray.run.passes import (
 from refed_ray.run.progress import ProgressLog
 from refed_ray.run.reserve import Reserve
 from refed_ray.run.restart_warning import explain_restart_warning
-from refed_ray.run.workers import FeedbackWorker, SynthesisWorker
+from refed_ray.run.workers import RunWorker
 from refed_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -113,12 +119,14 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     units_before = len(committed.ids(SYNTHESIS.name))
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
-    _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
-    synthesis_args = {**engine_args, "feedback": [ray.put(_read_feedback(storage, committed))],
-                      **({"earlier": [ray.put(checked.earlier)]} if checked.earlier else {})}
+    feedback = _feedback_blocks(committed, config, [r for r in seeds.references if r.reference_id in reached])
+    broadcast = FeedbackBroadcast(storage, committed, {b.column("shard")[0].as_py() for b in feedback})
+    engine_args = {**engine_args, **broadcast.worker_args(),
+                   **({"earlier": [ray.put(checked.earlier)]} if checked.earlier else {})}
     while True:
         reserve = _reserve(committed, config, reference_ids, plan) if checked.earlier is None else None
-        this_run += _synthesis_pass(storage, committed, config, synthesis_args, reserve)
+        this_run += _engine_pass(storage, committed, config, engine_args, feedback, broadcast, reserve)
+        feedback = []  # all collected by the first pass
         if reserve is not None:
             plan = reserve.absorb(storage, committed, reference_ids, config.num_samples, config.seed,
                                   config.workers.units_per_shard) or plan
@@ -248,38 +256,47 @@ def _commit_seed_rejects(storage: Storage, committed: CommitLog, seeds: SeedSet)
     commit_on_driver(storage, committed, SEEDS.name, SEEDS.shard_name(["seeds"]), ["seeds"], tables)
 
 
-def _feedback_pass(committed: CommitLog, config: RunConfig, engine_args: dict, references: list[Reference]) -> None:
+def _feedback_blocks(committed: CommitLog, config: RunConfig, references: list[Reference]) -> list[pa.Table]:
+    """The feedback shards not committed yet."""
     done = committed.ids(FEEDBACK.name)
     todo = [ref.model_dump() for ref in references if ref.reference_id not in done]
-    if not todo:
-        return
-    blocks = FEEDBACK.cut(todo, "reference_id", config.workers.feedback_shard_size())
-    log.info("collecting feedback on %d references in %d shards (%d already done)", len(todo), len(blocks), len(done))
-    # A few calls a reference: a pool sized to that work, not to synthesis, so most engines load once.
-    engines = min(len(blocks), math.ceil(len(todo) / config.workers.feedback_references_per_engine))
-    run_engine_pass(FEEDBACK.name, blocks, FeedbackWorker, engine_args, committed, config=config, engines=engines,
-                    index_every=INDEX_EVERY_SHARDS)
+    if todo:
+        log.info("collecting feedback on %d references (%d already done)", len(todo), len(done))
+    return FEEDBACK.cut(todo, "reference_id", config.workers.feedback_shard_size())
 
 
-def _synthesis_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict,
-                    reserve: Reserve | None = None) -> PassResult:
-    """The plan's pending shards, then the reserve's shards not committed yet (``reserve.py``)."""
+def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engine_args: dict,
+                 feedback: list[pa.Table], broadcast: FeedbackBroadcast, reserve: Reserve | None = None) -> PassResult:
+    """One pool of engines, each loaded once, over the feedback shards, then the plan's pending
+    synthesis shards, then the reserve's shards not committed yet (``reserve.py``). The
+    synthesis shards wait for the feedback's broadcast (``broadcast.py``). Returns synthesis's result."""
     plan = read_plan(storage)
     done = set(committed.commits[SYNTHESIS.name])
-    blocks = pending_shards(plan, done)
-    if not blocks:
+    synthesis = pending_shards(plan, done)
+    if not feedback and not synthesis:
         return PassResult()
-    log.info("synthesis: %d shards to do (%d committed)", len(blocks), len(done))
-    extra, on_commit = {}, None
-    if reserve is not None:
-        blocks += [b for b in reserve.blocks if b.column("shard")[0].as_py() not in done]
-        extra, on_commit = reserve.worker_args(), reserve.on_commit
+    log.info("synthesis: %d shards to do (%d committed)", len(synthesis), len(done))
+    extra, listeners = {}, [broadcast.on_commit]
+    if reserve is not None and synthesis:
+        synthesis += [b for b in reserve.blocks if b.column("shard")[0].as_py() not in done]
+        extra = reserve.worker_args()
+        listeners.append(reserve.on_commit)
+    blocks = feedback + synthesis
     # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
     progress = ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
                            target=config.num_samples, every_s=PROGRESS_EVERY_S)
-    return run_engine_pass(SYNTHESIS.name, blocks, SynthesisWorker, {**engine_args, **extra}, committed,
-                           config=config, engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS,
-                           on_commit=on_commit)
+    label = " and ".join(name for name, part in ((FEEDBACK.name, feedback), (SYNTHESIS.name, synthesis)) if part)
+    results = run_engine_pass(label, blocks, RunWorker, {**engine_args, **extra}, committed, config=config,
+                              engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS,
+                              on_commit=_each(listeners))
+    return results.get(SYNTHESIS.name, PassResult())
+
+
+def _each(listeners: list[Callable[[Commit], None]]) -> Callable[[Commit], None]:
+    def on_commit(commit: Commit) -> None:
+        for listener in listeners:
+            listener(commit)
+    return on_commit
 
 
 def _reserve(committed: CommitLog, config: RunConfig, reference_ids: list[str], plan: PlanSummary) -> Reserve | None:
@@ -291,14 +308,6 @@ def _reserve(committed: CommitLog, config: RunConfig, reference_ids: list[str], 
         units_done=sum(len(c.ids) for c in done), accepted=sum(c.stats.samples for c in done),
         k=config.instructions_per_aspect, num_samples=config.num_samples, budget=max_units(config) - plan.units,
     )
-
-
-def _read_feedback(storage: Storage, committed: CommitLog) -> dict[str, Feedback]:
-    feedback: dict[str, Feedback] = {}
-    for name in committed.files(FEEDBACK.name):
-        for row in storage.read_table(name).to_pylist():
-            feedback.setdefault(row["reference_id"], Feedback(**row))
-    return feedback
 
 
 def _check_engine(config: RunConfig) -> None:

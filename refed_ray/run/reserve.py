@@ -78,7 +78,9 @@ class Reserve:
         return {"reserve": [self.gate, self.names]}
 
     def on_commit(self, commit: Commit) -> None:
-        """Count the commit's units and samples; want more reserve shards if the yield asks for them."""
+        """Count a synthesis commit's units and samples; want more reserve shards if the yield asks for them."""
+        if commit.pass_name != PassName.SYNTHESIS:
+            return  # the run's engine pass commits its feedback shards too
         units, samples = len(commit.ids), commit.stats.samples
         self.units_done += units
         self.accepted += samples

@@ -4,16 +4,19 @@ A task is a whole shard (the plan decides shards; the pipeline hands Ray Data on
 shard), so whatever Ray retries is at most the shards in flight on an actor, never committed work:
 a task first checks whether its shard was committed by an earlier attempt of this run.
 
-The shared reference-level feedback reaches every actor once, at construction, as a broadcast
-``ObjectRef`` (Ray Data does not dereference refs in ``fn_kwargs``, so it travels inside a list
-in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on several shards at once and
-every unit of a shard runs its chain concurrently on the one engine.
+The run's actor (``RunWorker``) serves both engine passes with one engine: feedback shards, then
+synthesis shards (``PassWork`` each). The shared reference-level feedback reaches every actor
+once, as one broadcast ``ObjectRef`` fetched from a board actor when the first synthesis shard
+needs it (``broadcast.py``; Ray Data does not dereference refs in ``fn_kwargs``, so the board
+travels inside a list in ``fn_constructor_kwargs``). ``__call__`` is async: the actor works on
+several shards at once and every unit of a shard runs its chain concurrently on the one engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import os
 import socket
@@ -31,7 +34,7 @@ from refed_ray.engines.base import (
     EngineMisconfigured,
     EngineUnavailable,
 )
-from refed_ray.engines.guard import GuardedEngine, shard_counters
+from refed_ray.engines.guard import GuardedEngine, shard_counters, shard_order
 from refed_ray.engines.kinds import create_engine
 from refed_ray.method.feedback import collect_feedback
 from refed_ray.method.refiners import refiner_for
@@ -74,28 +77,36 @@ class _EngineWorker:
         )
         # Ray Data may hand an async actor more shards than it should work on at once.
         self.shard_slots = asyncio.Semaphore(workers.shards_in_flight)
+        self.shards_started = itertools.count()  # the engine admits the calls of older shards first
         # Ray Data ends a pass by letting its actors exit: the engine stops then, with the
         # interpreter intact. Not in __del__: vLLM keeps an import error's traceback, whose frames
         # hold this worker until interpreter teardown.
         atexit.register(self.engine.shutdown)
 
+    def work_for(self, shard: str) -> _EngineWorker | PassWork:
+        """What does ``shard``'s work: the worker itself for a worker of one pass (its
+        ``pass_name``, ``id_column``, ``process``, ``abandon``); ``RunWorker`` picks by the shard's pass."""
+        return self
+
     async def __call__(self, batch: pa.Table):
         shard = batch.column("shard")[0].as_py()
-        ids = batch.column(self.id_column).to_pylist()
+        work = self.work_for(shard)
+        ids = batch.column(work.id_column).to_pylist()
         # Off the event loop: storage requests must not stall the other shards' engine calls.
         commit = await asyncio.to_thread(
-            commits.find_commit, self.storage, self.pass_name, shard, self.run_id
+            commits.find_commit, self.storage, work.pass_name, shard, self.run_id
         )
-        if commit is None and not await self.wanted(shard):
+        if commit is None and not await work.wanted(shard):
             yield COMMIT_SCHEMA.empty_table()  # a reserve shard the run does not need: nothing to commit
             return
         if commit is None:
+            await work.ready()  # before a slot: a shard waiting for the feedback holds none
             async with self.shard_slots:
                 attempt = await asyncio.to_thread(
-                    commits.start_attempt, self.storage, self.pass_name, shard, self.submission
+                    commits.start_attempt, self.storage, work.pass_name, shard, self.submission
                 )
                 try:
-                    commit = await self._attempt(attempt, shard, ids, batch.to_pylist())
+                    commit = await self._attempt(work, attempt, shard, ids, batch.to_pylist())
                 except BaseException:
                     # This process lives on, so whatever ended the attempt (an outage, a cancelled
                     # task, a failed write) was no engine death: it must not count as one.
@@ -104,15 +115,17 @@ class _EngineWorker:
         yield pa.table({"commit": [commit.model_dump_json()]}, COMMIT_SCHEMA)
 
     async def _attempt(
-        self, attempt: commits.Attempt, shard: str, ids: list[str], rows: list[dict[str, Any]]
+        self, work: _EngineWorker | PassWork, attempt: commits.Attempt, shard: str, ids: list[str],
+        rows: list[dict[str, Any]],
     ) -> commits.Commit:
         counters: dict[str, int] = {}
         shard_counters.set(counters)  # this task's context: its chains count their outage retries here
+        shard_order.set(next(self.shards_started))  # its calls go before those of shards started later
         if attempt.deaths >= self.config.workers.max_shard_attempts:
-            tables, stages = self.abandon(rows, attempt.deaths), {}
+            tables, stages = work.abandon(rows, attempt.deaths), {}
         else:
             try:
-                tables, stages = await self.process(rows)
+                tables, stages = await work.process(rows)
             except EngineDead as err:
                 # Exit the actor: Ray restarts it with a fresh engine and retries its shards.
                 # Nothing of this shard was committed, and its attempt has no end: a death.
@@ -128,13 +141,16 @@ class _EngineWorker:
                 raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
         stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
         return await asyncio.to_thread(
-            commits.commit_shard, self.storage, self.pass_name, shard, ids, tables, stats, attempt.number,
+            commits.commit_shard, self.storage, work.pass_name, shard, ids, tables, stats, attempt.number,
             self.run_id,
         )
 
     async def wanted(self, shard: str) -> bool:
         """Whether to work on ``shard`` (a reserve shard may not be needed: ``run/reserve.py``)."""
         return True
+
+    async def ready(self) -> None:
+        """Wait for what the shard's work needs before it takes a slot (nothing by default)."""
 
     async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
         raise NotImplementedError
@@ -182,7 +198,29 @@ def _abandon_reason(deaths: int) -> str:
             "engine that cannot run it); workers.max_shard_attempts")
 
 
-class FeedbackWorker(_EngineWorker):
+class PassWork:
+    """One pass's work on a shard, for a worker that serves several passes (``RunWorker``)."""
+
+    pass_name: str
+    id_column: str
+
+    def __init__(self, engine: Engine, config: RunConfig):
+        self.engine, self.config = engine, config
+
+    async def wanted(self, shard: str) -> bool:
+        return True
+
+    async def ready(self) -> None:
+        """Wait for what this pass's work needs (the synthesis: the feedback)."""
+
+    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
+        raise NotImplementedError
+
+    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
+        raise NotImplementedError
+
+
+class FeedbackWork(PassWork):
     """Stage 1 over a shard of references."""
 
     pass_name = PassName.FEEDBACK
@@ -209,21 +247,36 @@ class FeedbackWorker(_EngineWorker):
         return {"rejects": to_table(rejects, Reject)}
 
 
-class SynthesisWorker(_EngineWorker):
+class FeedbackCopy:
+    """This actor's copy of the broadcast feedback, fetched once from the run's board
+    (``broadcast.FeedbackBoard``) when the first synthesis shard needs it."""
+
+    def __init__(self, board: ray.actor.ActorHandle):
+        self.board, self.table = board, None
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> dict[str, Feedback]:
+        async with self.lock:
+            if self.table is None:
+                refs = await self.board.feedback.remote()
+                self.table = await refs[0]
+        return self.table
+
+
+class SynthesisWork(PassWork):
     """Stages 2-4 over a shard of work units, with the broadcast feedback table."""
 
     pass_name = PassName.SYNTHESIS
     id_column = "unit_id"
 
-    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.ObjectRef],
-                 earlier: list[ray.ObjectRef] | None = None, reserve: list | None = None, **kwargs):
-        super().__init__(config_json, secrets, **kwargs)
+    def __init__(self, engine: Engine, config: RunConfig, feedback: FeedbackCopy, earlier: EarlierRun | None,
+                 reserve: list | None):
+        super().__init__(engine, config)
+        self.feedback = feedback
+        # instructions_from: the earlier run's committed files by shard (instructions_from.py).
+        self.earlier = earlier
         # The pass's reserve shards and the gate that says which of them are wanted (reserve.py).
         self.reserve_gate, self.reserve_shards = (reserve[0], set(reserve[1])) if reserve else (None, set())
-        self.feedback: dict[str, Feedback] = ray.get(feedback[0])
-        # instructions_from: the earlier run's committed files by shard (instructions_from.py).
-        self.earlier: EarlierRun | None = ray.get(earlier[0]) if earlier else None
-        _warn_if_underfilled(self.config, self.engine.max_concurrency)
 
     async def wanted(self, shard: str) -> bool:
         if shard not in self.reserve_shards:
@@ -235,14 +288,17 @@ class SynthesisWorker(_EngineWorker):
             log.warning("reserve gate unreachable, skipping reserve shard %s: %s", shard, err)
             return False
 
+    async def ready(self) -> None:
+        await self.feedback.get()
+
     async def process(self, rows):
         units = [WorkUnit(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
+        feedback = await self.feedback.get()
         if self.earlier is None:
-            chains = [synthesize_unit(self.engine, u, self.feedback.get(u.reference_id), self.config)
-                      for u in units]
+            chains = [synthesize_unit(self.engine, u, feedback.get(u.reference_id), self.config) for u in units]
         else:
             earlier = await asyncio.to_thread(self._earlier_units, rows)
-            chains = [refine_earlier_unit(self.engine, u, self.feedback.get(u.reference_id), earlier[u.unit_id],
+            chains = [refine_earlier_unit(self.engine, u, feedback.get(u.reference_id), earlier[u.unit_id],
                                           self.config) for u in units]
         results = await asyncio.gather(*chains)
         stats: dict[str, StageStats] = {}
@@ -266,6 +322,25 @@ class SynthesisWorker(_EngineWorker):
                           reference_id=row["reference_id"], aspect=row["aspect"], lost_samples=k)
                    for row in rows]
         return {"rejects": to_table(rejects, Reject)}
+
+
+class RunWorker(_EngineWorker):
+    """The run's engine actor: one engine for both of the run's engine passes, feedback shards
+    and synthesis shards, told apart by their names (``commits.shard_name``: the pass first).
+    ``feedback``: the board the broadcast feedback comes from (``broadcast.py``)."""
+
+    def __init__(self, config_json: str, secrets: list[ray.ObjectRef], feedback: list[ray.actor.ActorHandle],
+                 earlier: list[ray.ObjectRef] | None = None, reserve: list | None = None, **kwargs):
+        super().__init__(config_json, secrets, **kwargs)
+        self.works: dict[str, PassWork] = {
+            PassName.FEEDBACK: FeedbackWork(self.engine, self.config),
+            PassName.SYNTHESIS: SynthesisWork(self.engine, self.config, FeedbackCopy(feedback[0]),
+                                              ray.get(earlier[0]) if earlier else None, reserve),
+        }
+        _warn_if_underfilled(self.config, self.engine.max_concurrency)
+
+    def work_for(self, shard: str) -> PassWork:
+        return self.works[commits.pass_of(shard)]
 
 
 def _check_output_visible(storage: Storage) -> None:

@@ -162,14 +162,11 @@ def _plan_in_memory(
 
 
 def _engine_loads(config: RunConfig, feedback_references: int, shards: int) -> dict[str, int]:
-    """As ``pipeline``'s passes size their actor pools: the feedback pass cuts its references into
-    shards of ``workers.feedback_shard_size()`` and starts one engine per ``feedback_references_per_engine``;
-    synthesis one per shard up to ``num_engines``. A top-up round, an actor restart, add loads."""
-    workers = config.workers
-    feedback_shards = math.ceil(feedback_references / workers.feedback_shard_size())
-    feedback = min(workers.num_engines, feedback_shards,
-                   math.ceil(feedback_references / workers.feedback_references_per_engine))
-    return {"feedback": feedback, "synthesis": min(workers.num_engines, shards)}
+    """As ``pipeline._engine_pass`` sizes its one pool of engines: one per shard (the feedback's,
+    cut by ``workers.feedback_shard_size()``, and synthesis's) up to ``num_engines``, each loaded
+    once for both. A top-up round, an actor restart, add loads."""
+    feedback_shards = math.ceil(feedback_references / config.workers.feedback_shard_size())
+    return {"engines": min(config.workers.num_engines, feedback_shards + shards)}
 
 
 # ---- tokens --------------------------------------------------------------------------------
@@ -351,7 +348,7 @@ def describe(estimate: dict[str, Any]) -> str:
                  + ", ".join(f"{stage} {n:,}" for stage, n in calls.items() if stage != "total")
                  + f"; total {calls['total']:,}")
     loads = estimate["engine_loads"]
-    lines.append(f"  engine loads: feedback {loads['feedback']}, synthesis {loads['synthesis']} "
+    lines.append(f"  engine loads: {loads['engines']}, each for the feedback and the synthesis "
                  "(plus one per top-up round's engine and per actor restart)")
     tokens = estimate["tokens"]
     if tokens["source"] == "pilot":
