@@ -33,7 +33,7 @@ def _commit(shard: str, units: int, samples: int) -> Commit:
 
 def _reserve(plan_units: int, k: int, n: int, budget: int) -> Reserve:
     blocks = next_shards(REFS, 7, plan_units, budget, units_per_shard=4)
-    return Reserve(blocks, plan_units, units_done=0, accepted=0, k=k, num_samples=n, budget=budget)
+    return Reserve(blocks, plan_units, units_done=0, accepted=0, k=k, num_samples=n, budget=budget, shard_size=4)
 
 
 def test_the_wanted_reserve_follows_the_yield_so_far():
@@ -53,11 +53,36 @@ def test_the_wanted_reserve_follows_the_yield_so_far():
 def test_absorb_extends_the_plan_through_the_last_reserve_shard_committed(tmp_path):
     storage = Storage(str(tmp_path / "out"))
     plan = write_plan(storage, REFS, 90, 3, 7, units_per_shard=4)
-    reserve = Reserve(next_shards(REFS, 7, plan.units, 9, 4), plan.units, 0, 0, 3, 90, 9)
+    reserve = Reserve(next_shards(REFS, 7, plan.units, 9, 4), plan.units, 0, 0, 3, 90, 9, shard_size=4)
     committed = CommitLog(storage)
-    assert reserve.absorb(storage, committed, REFS, 90, 7, 4) is None  # none committed: the plan stays
+    assert reserve.absorb(storage, committed, REFS, 90, 7) is None  # none committed: the plan stays
     committed.add(_commit(reserve.names[1], 4, 12))
-    extended = reserve.absorb(storage, committed, REFS, 90, 7, 4)
+    extended = reserve.absorb(storage, committed, REFS, 90, 7)
     assert extended.units == plan.units + 8
     # The first reserve shard, refused while the second ran, is a hole the next pass fills.
     assert _names(pending_shards(read_plan(storage), set(committed.commits["synthesis"])))[-1] == reserve.names[0]
+
+
+def test_reserve_shards_are_quarter_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units in 50 shards
+    planned = set(_names(pending_shards(read_plan(storage), set())))
+    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+                           unplanned=set())
+    assert [b.num_rows for b in reserve.blocks] == [2] * 20  # 10% of the plan, in shards of 8 / 4
+    committed = CommitLog(storage)
+    for name in reserve.names[:3]:
+        committed.add(_commit(name, 2, 6))
+    extended = reserve.absorb(storage, committed, REFS, 1200, 7)
+    assert extended.units == 406
+    assert _names(pending_shards(read_plan(storage), planned)) == reserve.names[:3]
+
+
+def test_a_run_stopped_inside_a_reserve_of_whole_shards_resumes_with_that_cut(tmp_path):
+    # A reserve shard of the earlier cut (whole plan shards) committed, the run stopped before absorb.
+    storage = Storage(str(tmp_path / "out"))
+    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)
+    earlier = _names(next_shards(REFS, 7, plan.units, 40, 8))
+    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+                           unplanned={earlier[1]})
+    assert reserve.names == earlier and reserve.shard_size == 8

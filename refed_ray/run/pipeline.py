@@ -124,12 +124,11 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     engine_args = {**engine_args, **broadcast.worker_args(),
                    **({"earlier": [ray.put(checked.earlier)]} if checked.earlier else {})}
     while True:
-        reserve = _reserve(committed, config, reference_ids, plan) if checked.earlier is None else None
+        reserve = _reserve(storage, committed, config, reference_ids, plan) if checked.earlier is None else None
         this_run += _engine_pass(storage, committed, config, engine_args, feedback, broadcast, reserve)
         feedback = []  # all collected by the first pass
         if reserve is not None:
-            plan = reserve.absorb(storage, committed, reference_ids, config.num_samples, config.seed,
-                                  config.workers.units_per_shard) or plan
+            plan = reserve.absorb(storage, committed, reference_ids, config.num_samples, config.seed) or plan
             if pending_shards(read_plan(storage), set(committed.commits[SYNTHESIS.name])):
                 continue  # a reserve shard refused while a later one ran: run the hole, then size a top-up
         _apply_filters(storage, committed, config)
@@ -299,14 +298,17 @@ def _each(listeners: list[Callable[[Commit], None]]) -> Callable[[Commit], None]
     return on_commit
 
 
-def _reserve(committed: CommitLog, config: RunConfig, reference_ids: list[str], plan: PlanSummary) -> Reserve | None:
+def _reserve(storage: Storage, committed: CommitLog, config: RunConfig, reference_ids: list[str],
+             plan: PlanSummary) -> Reserve | None:
     """Reserve shards for the synthesis pass, sized from the top-up budget (``reserve.py``). The
     yield so far is synthesis's own (the filters' drops are not known until they run again)."""
-    done = committed.commits[SYNTHESIS.name].values()
+    done = committed.commits[SYNTHESIS.name]
+    planned = set(read_plan(storage, plan.files, columns=["shard"]).column("shard").unique().to_pylist())
     return Reserve.plan(
         reference_ids, config.seed, plan, config.workers.units_per_shard,
-        units_done=sum(len(c.ids) for c in done), accepted=sum(c.stats.samples for c in done),
+        units_done=sum(len(c.ids) for c in done.values()), accepted=sum(c.stats.samples for c in done.values()),
         k=config.instructions_per_aspect, num_samples=config.num_samples, budget=max_units(config) - plan.units,
+        unplanned=set(done) - planned,
     )
 
 

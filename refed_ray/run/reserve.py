@@ -16,6 +16,7 @@ runs after the pass) is still made up by a top-up round.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pyarrow as pa
@@ -29,6 +30,11 @@ from refed_ray.storage import Storage
 # Reserve shards as a share of the plan's units: covers a yield down to about 0.9 in the pass
 # itself. More would cost a skipped task (a commit lookup and a gate call) per unneeded shard.
 RESERVE_SHARE = 0.1
+log = logging.getLogger(__name__)
+# Reserve shards hold a quarter of a plan shard's units: they are the pass's last blocks, and small
+# last blocks even out when the engines run out of work (an engine that finishes early takes
+# another small one while the others finish theirs: the pass's tail).
+RESERVE_SHARD_DIVISOR = 4
 
 
 @ray.remote(num_cpus=0)
@@ -51,8 +57,8 @@ class Reserve:
     """The driver's side: the reserve blocks, their sizing as commits come, the plan after."""
 
     def __init__(self, blocks: list[pa.Table], plan_units: int, units_done: int, accepted: int, k: int,
-                 num_samples: int, budget: int):
-        self.blocks = blocks
+                 num_samples: int, budget: int, shard_size: int):
+        self.blocks, self.shard_size = blocks, shard_size
         self.names = [b.column("shard")[0].as_py() for b in blocks]
         self.sizes = [b.num_rows for b in blocks]
         self.plan_units, self.units_done, self.accepted = plan_units, units_done, accepted
@@ -63,12 +69,21 @@ class Reserve:
 
     @classmethod
     def plan(cls, reference_ids: list[str], run_seed: int, plan: PlanSummary, units_per_shard: int, *, units_done: int,
-             accepted: int, k: int, num_samples: int, budget: int) -> Reserve | None:
+             accepted: int, k: int, num_samples: int, budget: int, unplanned: set[str]) -> Reserve | None:
+        """``unplanned``: committed synthesis shards the plan does not name (a run stopped after
+        a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it."""
         units = min(budget, math.ceil(RESERVE_SHARE * plan.units))
         if units <= 0:
             return None
-        blocks = next_shards(reference_ids, run_seed, plan.units, units, units_per_shard)
-        return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget)
+        small = math.ceil(units_per_shard / RESERVE_SHARD_DIVISOR)
+        for size in (small, units_per_shard):  # whole plan shards: how runs before the quarter shards cut it
+            blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
+            if unplanned <= {b.column("shard")[0].as_py() for b in blocks}:
+                return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
+        log.warning("%d committed synthesis shards are neither planned nor reserve shards (was max_extra_units "
+                    "lowered?): they stay outside the plan", len(unplanned))
+        return cls(next_shards(reference_ids, run_seed, plan.units, units, small), plan.units, units_done, accepted,
+                   k, num_samples, budget, small)
 
     def worker_args(self) -> dict:
         """The synthesis workers' ``reserve``: the gate and the names it decides on (any other
@@ -110,7 +125,7 @@ class Reserve:
         return count
 
     def absorb(self, storage: Storage, committed: CommitLog, reference_ids: list[str], num_samples: int,
-               run_seed: int, units_per_shard: int) -> PlanSummary | None:
+               run_seed: int) -> PlanSummary | None:
         """Extend the plan over the reserve shards committed (through the last one), or None when
         none was. A resumed run's plan then names them like the shards it planned itself."""
         done = committed.commits[PassName.SYNTHESIS]
@@ -118,4 +133,5 @@ class Reserve:
         if last < 0:
             return None
         units = self.plan_units + sum(self.sizes[: last + 1])
-        return write_plan(storage, reference_ids, num_samples, self.k, run_seed, units_per_shard, units=units)
+        # Cut as the reserve was: the plan then names the reserve's shards.
+        return write_plan(storage, reference_ids, num_samples, self.k, run_seed, self.shard_size, units=units)
