@@ -44,6 +44,14 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 ROWS_PER_PLAN_FILE = 100_000
+# A new plan's last tenth is cut in quarter shards: the pass's last blocks. When the blocks run out,
+# an engine still works through the ones it holds while the others wait for the pass to end; small
+# last blocks go to whichever engine frees up first, so the engines end together (issue 24: whole
+# shards there left three of four simulated GPUs idle for the last shard's duration). Shards of
+# fewer than TAIL_MIN_UNITS units are left whole: finer cuts would cost more commits than they save.
+TAIL_SHARE = 0.1
+TAIL_DIVISOR = 4
+TAIL_MIN_UNITS = 8
 PART = re.compile(r"part-\d{5}\.parquet")
 
 
@@ -116,16 +124,27 @@ def write_plan(
     files = [f for f in listed if _is_part(f)] if keep_existing else []
     storage.delete_many(sorted(set(listed) - set(files)))  # the old plan, or what killed writes left
     planned = sum(_rows(storage, f) for f in files)
-    wanted = units if units is not None else units_needed(num_samples, k)
+    wanted = max(units if units is not None else units_needed(num_samples, k), planned)
     part, rows = len(files), []
-    for shard in _shard_rows(reference_ids, run_seed, planned, max(wanted, planned), units_per_shard):
-        rows += shard
-        if len(rows) >= ROWS_PER_PLAN_FILE:
-            files.append(_write_part(storage, part, rows))
-            part, rows = part + 1, []
+    for start, stop, size in _cuts(planned, wanted, units_per_shard):
+        for shard in _shard_rows(reference_ids, run_seed, start, stop, size):
+            rows += shard
+            if len(rows) >= ROWS_PER_PLAN_FILE:
+                files.append(_write_part(storage, part, rows))
+                part, rows = part + 1, []
     if rows:
         files.append(_write_part(storage, part, rows))
     return summarize(storage, files)
+
+
+def _cuts(planned: int, wanted: int, units_per_shard: int) -> list[tuple[int, int, int]]:
+    """(first unit, end, shard size) of each stretch of units to plan: a new plan ends in small
+    shards (``TAIL_SHARE``); an extension (a top-up, a larger N) is cut in whole shards, as
+    ``next_shards`` cuts it."""
+    tail = math.ceil(TAIL_SHARE * wanted)
+    if planned or units_per_shard < TAIL_MIN_UNITS or tail < units_per_shard:
+        return [(planned, wanted, units_per_shard)]
+    return [(0, wanted - tail, units_per_shard), (wanted - tail, wanted, math.ceil(units_per_shard / TAIL_DIVISOR))]
 
 
 def next_shards(reference_ids: list[str], run_seed: int, planned: int, units: int, units_per_shard: int) -> list[pa.Table]:
