@@ -5,7 +5,8 @@ follow from (run seed, round, reference_id, aspect) alone. Units come in one end
 order: round after round, each round visiting the references in a seeded order with both
 aspects of a reference side by side (as the authors run them). The plan is the first
 ``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
-units. A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
+units, its last tenth in quarter shards (``TAIL_SHARE``: the pass's last blocks, so that the
+engines end together). A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
 planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
 re-forms work that may already be committed.
 
