@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from refed_ray.engines.base import ChatRequest, Completion, Engine
-from refed_ray.engines.guard import GuardedEngine, OldestShardFirst, shard_order
+from refed_ray.engines.guard import GuardedEngine, OldestShardFirst, shard_counters, shard_order
 
 
 class Recording(Engine):
@@ -31,8 +31,9 @@ def request(name: str) -> ChatRequest:
                        top_p=1, seed=0)
 
 
-async def call(engine: GuardedEngine, shard: int, name: str) -> None:
-    shard_order.set(shard)  # as the worker sets it for each shard it starts
+async def call(engine: GuardedEngine, shard: int, name: str, counters: dict | None = None) -> None:
+    shard_order.set(shard)  # as the worker sets them for each shard it starts
+    shard_counters.set(counters)
     await engine.complete(request(name))
 
 
@@ -67,11 +68,36 @@ def test_a_freed_slot_goes_to_the_oldest_shard_whatever_the_arrival_order():
     asyncio.run(scenario())
 
 
+def test_a_new_shards_opening_calls_go_before_an_older_shards_later_calls():
+    async def scenario():
+        inner = Recording()
+        engine = GuardedEngine(inner, requests_in_flight=2, outage_patience_s=1, hang_timeout_s=60)
+        old, new = {"answered": 3}, {}  # the old shard has had answers; the new one none yet
+        calls = [asyncio.create_task(call(engine, 1, f"old-{i}", old)) for i in range(4)]
+        await settle()
+        calls += [asyncio.create_task(call(engine, 2, f"new-{i}", new)) for i in range(2)]
+        await settle()
+        for i in range(2):
+            inner.answers[f"old-{i}"].set()
+        await settle()
+        # The new shard's first calls (each unit's first step) were admitted before old-2, old-3.
+        assert inner.reached[2:4] == ["new-0", "new-1"]
+        for name in ("new-0", "new-1"):
+            inner.answers[name].set()
+        await settle()
+        assert inner.reached[4:] == ["old-2", "old-3"] and new["answered"] == 2
+        for name in ("old-2", "old-3"):
+            inner.answers[name].set()
+        await asyncio.gather(*calls)
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_waiting_call_gives_up_its_turn_and_no_slot_is_lost():
     async def scenario():
         slots = OldestShardFirst(1)
-        await slots.acquire(0)
-        waiting = [asyncio.create_task(slots.acquire(order)) for order in (1, 2)]
+        await slots.acquire((1, 0))
+        waiting = [asyncio.create_task(slots.acquire((1, order))) for order in (1, 2)]
         await settle()
         waiting[0].cancel()  # the oldest waiter is cancelled (its shard's task was)
         await settle()

@@ -29,7 +29,8 @@ from refed_ray.engines.base import ChatRequest, Completion, Engine, EngineUnavai
 
 log = logging.getLogger(__name__)
 
-# The counters of the shard a coroutine works for (set per shard by the worker).
+# The counters of the shard a coroutine works for (set per shard by the worker): its outage retries,
+# and its calls answered (admission tells its opening calls by that).
 shard_counters: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("shard_counters", default=None)
 # The order in which the worker started the shard a coroutine works for (set per shard): admission goes
 # to the lowest first.
@@ -37,20 +38,23 @@ shard_order: contextvars.ContextVar[int] = contextvars.ContextVar("shard_order",
 
 
 class OldestShardFirst:
-    """At most ``limit`` calls at once; a freed slot goes to the waiting call of the oldest shard.
+    """At most ``limit`` calls at once; a freed slot goes first to a shard's opening calls (those
+    sent before any call of their shard was answered: each unit's first step), then to the oldest
+    shard's calls.
 
     Why not first come, first served: an actor's shards in flight then share the engine evenly, so
     shards started together end together, and their successors start together too, each with only
     its units' first calls to send while the engine waits for their chains to branch out (issue
     24 measured it as the largest share of a simulated GPU's under-filled batches). The oldest
-    shard first finishes shards one at a time, and the next one has filled in behind it."""
+    shard first finishes shards one at a time; a new shard's opening calls go ahead of it, so its
+    chains have branched out (K responses a unit) by the time the older shard runs dry."""
 
     def __init__(self, limit: int):
         self.free = limit
-        self.waiting: list[tuple[int, int, asyncio.Future]] = []  # (shard order, arrival, the call's turn)
+        self.waiting: list[tuple[tuple[int, int], int, asyncio.Future]] = []  # (order, arrival, the call's turn)
         self.arrivals = itertools.count()
 
-    async def acquire(self, order: int) -> None:
+    async def acquire(self, order: tuple[int, int]) -> None:
         if self.free > 0:  # a free slot means no call is waiting (release hands slots on first)
             self.free -= 1
             return
@@ -89,11 +93,15 @@ class GuardedEngine(Engine):
     async def complete(self, request: ChatRequest) -> Completion:
         if self._slots is None:
             return await self._patiently(request)
-        await self._slots.acquire(shard_order.get())
+        counters = shard_counters.get()
+        opening = counters is not None and not counters.get("answered")
+        await self._slots.acquire((0 if opening else 1, shard_order.get()))
         try:
             return await self._patiently(request)
         finally:
             self._slots.release()
+            if counters is not None:
+                counters["answered"] = counters.get("answered", 0) + 1
 
     async def _patiently(self, request: ChatRequest) -> Completion:
         started, delay = time.monotonic(), 1.0
