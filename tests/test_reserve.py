@@ -63,18 +63,18 @@ def test_absorb_extends_the_plan_through_the_last_reserve_shard_committed(tmp_pa
     assert _names(pending_shards(read_plan(storage), set(committed.commits["synthesis"])))[-1] == reserve.names[0]
 
 
-def test_reserve_shards_are_quarter_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
+def test_reserve_shards_are_half_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units in 50 shards
+    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: 45 shards of 8, then 10 of 4
     planned = set(_names(pending_shards(read_plan(storage), set())))
     reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
                            unplanned=set())
-    assert [b.num_rows for b in reserve.blocks] == [2] * 20  # 10% of the plan, in shards of 8 / 4
+    assert [b.num_rows for b in reserve.blocks] == [4] * 10  # 10% of the plan, in shards of 8 / 2
     committed = CommitLog(storage)
     for name in reserve.names[:3]:
-        committed.add(_commit(name, 2, 6))
+        committed.add(_commit(name, 4, 12))
     extended = reserve.absorb(storage, committed, REFS, 1200, 7)
-    assert extended.units == 406
+    assert extended.units == 412
     assert _names(pending_shards(read_plan(storage), planned)) == reserve.names[:3]
 
 

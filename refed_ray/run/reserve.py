@@ -31,10 +31,10 @@ from refed_ray.storage import Storage
 # itself. More would cost a skipped task (a commit lookup and a gate call) per unneeded shard.
 RESERVE_SHARE = 0.1
 log = logging.getLogger(__name__)
-# Reserve shards hold a quarter of a plan shard's units: they are the pass's last blocks, and small
-# last blocks even out when the engines run out of work (an engine that finishes early takes
-# another small one while the others finish theirs: the pass's tail).
-RESERVE_SHARD_DIVISOR = 4
+# Reserve shards hold half a plan shard's units: they are the pass's last blocks, and smaller last
+# blocks even out when the engines run out of work (an engine that finishes early takes another
+# one while the others finish theirs: the pass's tail; ``plan.TAIL_DIVISOR`` says why not smaller).
+RESERVE_SHARD_DIVISOR = 2
 
 
 @ray.remote(num_cpus=0)
@@ -76,7 +76,7 @@ class Reserve:
         if units <= 0:
             return None
         small = math.ceil(units_per_shard / RESERVE_SHARD_DIVISOR)
-        for size in (small, units_per_shard):  # whole plan shards: how runs before the quarter shards cut it
+        for size in (small, units_per_shard):  # whole plan shards: how runs before the half shards cut it
             blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
             if unplanned <= {b.column("shard")[0].as_py() for b in blocks}:
                 return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
