@@ -110,7 +110,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     config = on_cluster
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
     engine_args = engine_worker_args(config, storage, checked.secrets, run_id)
-    units_before = len(committed.ids(SYNTHESIS.name))
+    units_before = committed.units(SYNTHESIS.name)
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
     _feedback_pass(committed, config, engine_args, [r for r in seeds.references if r.reference_id in reached])
@@ -179,7 +179,7 @@ def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -
     if short > 0 and budget <= 0:
         log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                     config.num_samples, config.max_extra_units)
-    return top_up_units(short, accepted, len(committed.ids(SYNTHESIS.name)), config.instructions_per_aspect, budget)
+    return top_up_units(short, accepted, committed.units(SYNTHESIS.name), config.instructions_per_aspect, budget)
 
 
 def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int,
