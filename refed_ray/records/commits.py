@@ -21,7 +21,7 @@ one outputs written before parts had) and ``_index/<pass>/part-NNNNNN.parquet`` 
 shards commit, the driver writes the commits new since its last write as a part, then deletes the
 markers it has absorbed, so a run start, the report and export read a few objects and a few
 listings, not one object per shard. A part written whole each time would make a run
-O(shards^2) in index writes (issue 24: 78 rewrites of up to 15,600 rows at 10M samples); parts
+O(shards^2) in index writes (10M samples: 78 rewrites of up to 15,625 rows, 631,830 rows in all); parts
 merge like a binary counter instead (a new part swallows the newest ones no larger than it, the
 base last), so each commit is written O(log shards) times and a pass keeps O(log shards) parts.
 Objects overlap only while a merge has written its union and not yet deleted what it merged:
