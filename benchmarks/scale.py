@@ -55,11 +55,13 @@ def write_seeds(path: Path, count: int) -> None:
 
 class PeakWorkerRSS(threading.Thread):
     """Samples the resident memory of this driver's Ray worker processes (``ray::`` in their
-    title, descendants of this process: other Ray clusters on the machine are not counted)."""
+    title, descendants of this process: other Ray clusters on the machine are not counted), and
+    the machine's load average (a shared machine's other work slows every figure)."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peak = 0
+        self.loads: list[float] = []
 
     def run(self):
         while True:
@@ -76,6 +78,7 @@ class PeakWorkerRSS(threading.Thread):
             for pid, title in titles.items():
                 if title.startswith(b"ray::") and _descends(pid, os.getpid(), parents):
                     self.peak = max(self.peak, rss[pid])
+            self.loads.append(os.getloadavg()[0])
             time.sleep(1.0)
 
 
@@ -134,6 +137,7 @@ def one(config_json: str, cpus: int) -> None:
     hwm = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
     print("RESULT " + json.dumps({
         "wall_s": wall, "driver_peak_rss": hwm, "worker_peak_rss": watcher.peak, "requests": counts["requests"],
+        "load_mean": sum(watcher.loads) / max(len(watcher.loads), 1),
         "samples": report["samples"], "shards": report["shards"], "plan": report["plan"],
         "dataset_files": len(report["dataset"]["files"]), "synthesis_s": report["this_run"]["synthesis_seconds"],
     }))
@@ -145,7 +149,10 @@ def start_ray(cpus: int) -> None:
 
     for attempt in range(3):
         try:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            # address="local": a cluster of its own, never one another process on this machine started
+            # (ray.init() alone joins the one `ray start` recorded, and refuses num_cpus there).
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING")
             return
         except Exception:
             if attempt == 2:
@@ -218,7 +225,8 @@ def main() -> int:
         per_sample[size] = first["wall_s"] / max(first["samples"], 1)
         print(f"\nN = {size:,}: {first['samples']:,} samples in {first['wall_s']:.0f} s wall "
               f"(synthesis {first['synthesis_s']:.0f} s), {per_sample[size] * 1e3:.2f} ms per sample")
-        print(f"  shards: {first['shards']['committed']:,}; dataset: {first['dataset_files']} files")
+        print(f"  shards: {first['shards']['committed']:,}; dataset: {first['dataset_files']} files; "
+              f"machine load average {first['load_mean']:.1f} on {os.cpu_count()} cores (mean of 1-min figures)")
         print(f"  driver peak RSS {fmt_mb(first['driver_peak_rss'])}; largest worker peak RSS "
               f"{fmt_mb(first['worker_peak_rss'])}")
         print(f"  objects written during the run ~{objects_written(output, first['shards']['committed']):,}; "

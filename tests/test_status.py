@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from refed_ray.records.commits import INDEX_SCHEMA, PASSES, Commit, CommitLog
+from refed_ray.records.commits import INDEX_SCHEMA, PASSES, Commit, CommitLog, indexed_shards
 from refed_ray.records.plan import read_plan
 from refed_ray.records.stats import ShardStats
 from refed_ray.run import pipeline
@@ -131,7 +131,7 @@ def _wait_until_paused(storage: Storage, finished: dict, timeout: float = 600) -
         assert "error" not in finished, finished.get("error")
         try:
             committed = len(CommitLog(storage).commits["synthesis"])
-            indexed = storage.read_table("_index/synthesis.parquet").num_rows if storage.exists("_index/synthesis.parquet") else 0
+            indexed = len(indexed_shards(storage, "synthesis"))
         except FileNotFoundError:  # a marker absorbed between its listing and its read
             continue
         if committed == 78 and indexed == 78 - 78 % INDEX_EVERY:
@@ -187,8 +187,10 @@ def test_an_index_written_before_commit_times_still_loads(tmp_path):
     storage.write_table("_index/synthesis.parquet", pa.Table.from_pylist([row], schema=old_schema))
     (loaded,) = CommitLog(storage).commits["synthesis"].values()
     assert loaded.committed_at == 0 and loaded.stats.samples == 3
-    CommitLog(storage).write_index("synthesis")  # rewritten with the new column
-    assert storage.read_table("_index/synthesis.parquet").column("committed_at").to_pylist() == [0.0]
+    log = CommitLog(storage)
+    log.commits["synthesis"].clear()
+    log.write_index("synthesis")  # a whole rewrite, in today's schema
+    assert storage.read_table("_index/synthesis.parquet").schema.equals(INDEX_SCHEMA)
 
 
 def test_status_of_a_folder_without_a_run_is_refused(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from refed_ray.records.commits import CommitLog, commit_shard, find_commit, shard_name
+from refed_ray.records.commits import CommitLog, commit_shard, find_commit, indexed_shards, retract, shard_name
 from refed_ray.records.stats import ShardStats
 from refed_ray.storage import Storage
 
@@ -53,6 +53,44 @@ def test_index_absorbs_markers_and_leftovers_are_removed(tmp_path):
     assert {c.shard for c in again.commits["synthesis"].values()} == {c.shard for c in commits}
     assert again.stats("synthesis").samples == 5
     assert len(storage.list("data")) == 5
+
+
+def test_the_index_grows_in_parts_that_merge_and_a_retract_rewrites_it_whole(tmp_path):
+    """Each write adds the new commits as a part (never the whole index again); parts merge like
+    a binary counter, so a pass keeps a few objects; every reader sees every commit."""
+    storage = Storage(str(tmp_path / "out"))
+    log = CommitLog(storage)
+    written = []
+    for batch in range(7):  # 7 writes of 3 commits: 21 = 12 + 6 + 3, in three objects
+        for i in range(3):
+            written.append(commit(storage, [f"u{batch}-{i}"]))
+            log.add(written[-1])
+        log.write_index("synthesis")
+        assert storage.list("_markers/synthesis") == []  # every marker absorbed
+    objects = ["_index/synthesis.parquet"] * storage.exists("_index/synthesis.parquet") + storage.list("_index/synthesis")
+    assert [storage.read_table(o).num_rows for o in objects] == [12, 6, 3]
+    again = CommitLog(storage)
+    assert {s: c.token for s, c in again.commits["synthesis"].items()} == {c.shard: c.token for c in written}
+    assert indexed_shards(storage, "synthesis") == {c.shard for c in written}
+    retract(storage, again, "synthesis", written[:2])  # a commit taken out: one object again, without it
+    assert storage.list("_index/synthesis") == [] and storage.read_table("_index/synthesis.parquet").num_rows == 19
+    assert set(CommitLog(storage).commits["synthesis"]) == {c.shard for c in written[2:]}
+
+
+def test_an_index_object_a_killed_merge_left_behind_is_read_once(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    log = CommitLog(storage)
+    for i in range(2):
+        log.add(commit(storage, [f"u{i}"]))
+        log.write_index("synthesis")  # the second write merges into the base
+    storage.write_bytes("_index/synthesis/part-000001.parquet", storage.read_bytes("_index/synthesis.parquet"))
+    again = CommitLog(storage)
+    assert len(again.commits["synthesis"]) == 2
+    again.add(commit(storage, ["u2"]))
+    again.add(commit(storage, ["u3"]))
+    again.add(commit(storage, ["u4"]))
+    again.write_index("synthesis")
+    assert sorted(storage.read_table("_index/synthesis.parquet")["shard"].to_pylist()) == sorted(again.commits["synthesis"])
 
 
 def test_writes_leave_no_temporary_files(tmp_path):

@@ -187,6 +187,10 @@ def read_plan(storage: Storage, files: list[str] | None = None, columns: list[st
 def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
     """The plan's shards not yet committed, one small table each (a copy, not a slice: a slice
     would carry the whole plan's buffers into every Ray block)."""
+    # One chunk first: pyarrow's take on a table of several chunks (a plan of several parts)
+    # concatenates every column whole for each call, which made this O(shards^2): 20 ms a shard
+    # at 10M samples (10 parts; 0.05 ms on one chunk), 5 minutes of the driver before the pass.
+    plan = plan.combine_chunks()
     shards = plan.column("shard").to_numpy(zero_copy_only=False)
     if not len(shards):
         return []

@@ -2,9 +2,10 @@
 
 One pool of engine actors, each loading its engine once, works through the feedback shards and
 then the synthesis shards in one Ray Data pass (``workers.RunWorker``); the synthesis shards wait
-for the feedback's broadcast (``broadcast.py``). Nothing grows with N on the driver but the plan's
-shard list: the pass streams through Ray Data, one task per shard (``passes.py``), and the driver
-only sees one small commit row per shard.
+for the feedback's broadcast (``broadcast.py``). What grows with N on the driver: the plan's
+shards, handed to Ray Data as one block each (about 60 KB of driver memory a shard, most of it
+Ray's), and one commit row per shard (about 11 KB); the pass streams through Ray Data, one task
+per shard (``passes.py``). README, "Scale": "100M samples: a plan" says how these would stay flat.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
     config = on_cluster
     # engine_args keeps the run's shared rate limiter (if any) alive until the run ends.
     engine_args = engine_worker_args(config, storage, checked.secrets, run_id)
-    units_before = len(committed.ids(SYNTHESIS.name))
+    units_before = committed.units(SYNTHESIS.name)
     this_run = PassResult()
     reached = feedback_references(reference_ids, config, plan.units)
     feedback = _feedback_blocks(committed, config, [r for r in seeds.references if r.reference_id in reached])
@@ -186,7 +187,7 @@ def _top_up_units(committed: CommitLog, config: RunConfig, planned_units: int) -
     if short > 0 and budget <= 0:
         log.warning("%d samples short of %d: the top-up budget (max_extra_units=%g) is spent", short,
                     config.num_samples, config.max_extra_units)
-    return top_up_units(short, accepted, len(committed.ids(SYNTHESIS.name)), config.instructions_per_aspect, budget)
+    return top_up_units(short, accepted, committed.units(SYNTHESIS.name), config.instructions_per_aspect, budget)
 
 
 def _shortfall(config: RunConfig, report: dict[str, Any], planned_units: int,

@@ -3,8 +3,8 @@
 ``read_status`` needs nothing but read access to OUTPUT (a laptop and the bucket), while a job
 writes into it or after. It reads what a run start reads, whatever the number of shards: one
 listing of OUTPUT's top level (run.json's and report.json's times), run.json, the plan's parts
-(one object per 100,000 units), and ``CommitLog``'s reads (per pass the index object and one
-listing of its markers, the markers not yet absorbed into the index, and one listing each of
+(one object per 100,000 units), and ``CommitLog``'s reads (per pass the index's few objects, one
+listing of its parts and one of its markers, the markers not yet absorbed into the index, and one listing each of
 data/, rejects/ and feedback/). Listings are paginated: one request per 1,000 keys.
 
 Rates come from each commit's ``committed_at``: ``run/progress.py``'s ``progress_figures`` is the
