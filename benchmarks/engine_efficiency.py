@@ -2,6 +2,7 @@
 
     python benchmarks/engine_efficiency.py                       # jobs/demo.yaml, CPU, about 15 min on 2 cores
     python benchmarks/engine_efficiency.py --config jobs/demo.yaml --num-samples 4 --runs 1   # a quick look
+    python benchmarks/engine_efficiency.py --num-samples 32 --max-num-seqs 8 --matched  # an engine of 8 kept full
 
 On GPUs, from a machine that reaches the cluster (or on a GPU node itself), with the config of the
 real run (model, tensor parallelism, workers) and enough samples to fill an engine for minutes:
@@ -277,6 +278,9 @@ def main() -> int:
     parser.add_argument("--output", default="/tmp/refed-efficiency")
     parser.add_argument("--num-samples", type=int)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--max-num-seqs", type=int, help="engine.max_num_seqs (vLLM's batch), for both sides")
+    parser.add_argument("--num-cpus", type=int,
+                        help="CPUs of the local Ray instance this starts (default: Ray's, all cores)")
     parser.add_argument("--runs", type=int, default=2, help="pipeline/bare pairs, interleaved")
     parser.add_argument("--unconstrained", action="store_true",
                         help="also replay the bare batch without JSON schemas")
@@ -290,10 +294,12 @@ def main() -> int:
 
     config = load_config(args.config, {
         "output": args.output, "num_samples": args.num_samples, "engine.device": args.device,
+        "engine.max_num_seqs": args.max_num_seqs,
     })
     if config.engine.kind != "vllm":
         raise SystemExit("engine_efficiency measures the vLLM engine: engine.kind must be vllm")
-    ray.init(namespace=NAMESPACE, runtime_env={"worker_process_setup_hook": install_recorder})
+    ray.init(namespace=NAMESPACE, num_cpus=args.num_cpus,
+             runtime_env={"worker_process_setup_hook": install_recorder})
     recorder = Recorder.options(name=RECORDER, namespace=NAMESPACE).remote()
 
     pipeline_rates, bare_rates = [], []
