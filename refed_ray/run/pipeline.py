@@ -290,6 +290,7 @@ def _reserve(committed: CommitLog, config: RunConfig, reference_ids: list[str], 
         reference_ids, config.seed, plan, config.workers.units_per_shard,
         units_done=sum(len(c.ids) for c in done), accepted=sum(c.stats.samples for c in done),
         k=config.instructions_per_aspect, num_samples=config.num_samples, budget=max_units(config) - plan.units,
+        task_slots=config.workers.num_engines * config.workers.shards_in_flight,
     )
 
 
