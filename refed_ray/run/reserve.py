@@ -54,8 +54,9 @@ def reserve_units(plan_units: int, units_per_shard: int, task_slots: int) -> int
     duplicates), and a top-up round is then a pass of its own: an engine load for a shard or two
     that cannot fill the engine (``benchmarks/engine_efficiency.py``, the demo at 32 samples with
     8 sequences: a 1-unit reserve, then a round of 3 units, 210 of the 732 engine-seconds of
-    synthesis with at most 7 chains). The floor lets such a top-up join the pass where the
-    engines' plan shards run out; unneeded, its shards cost one round of skipped tasks."""
+    synthesis with at most 7 chains). The floor lets the yield's share of such a top-up join the
+    pass where the engines' plan shards run out (dedup's drops, found after the pass, still call a
+    round); unneeded, its shards cost one round of skipped tasks."""
     return max(math.ceil(RESERVE_SHARE * plan_units), task_slots * units_per_shard)
 
 
