@@ -2,6 +2,7 @@
 
     python benchmarks/engine_efficiency.py                       # jobs/demo.yaml, CPU, about 15 min on 2 cores
     python benchmarks/engine_efficiency.py --config jobs/demo.yaml --num-samples 4 --runs 1   # a quick look
+    python benchmarks/engine_efficiency.py --num-samples 32 --max-num-seqs 8 --matched  # an engine of 8 kept full
 
 On GPUs, from a machine that reaches the cluster (or on a GPU node itself), with the config of the
 real run (model, tensor parallelism, workers) and enough samples to fill an engine for minutes:
@@ -217,18 +218,23 @@ def pipeline_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     per_engine: dict[str, list[dict[str, Any]]] = {}
     for r in synthesis:
         per_engine.setdefault(r["engine"], []).append(r)
-    window = idle = area = 0.0
+    window = idle = area = under = slots = 0.0
     first_after_load = []
     for engine, mine in per_engine.items():
         start = min(r["submit"] for r in mine)
         window += max(r["done"] for r in mine) - start
-        # Time with no synthesis request in flight on this engine, and the mean number in flight.
+        batch = (loads.get(engine) or {}).get("max_num_seqs") or 0
+        # Time with no synthesis request in flight on this engine, the mean number in flight, and
+        # time with fewer in flight than the engine batches (its batch under-filled).
         events = sorted([(r["submit"], 1) for r in mine] + [(r["done"], -1) for r in mine])
         in_flight, last = 0, start
         for moment, step in events:
             if in_flight == 0:
                 idle += moment - last
+            if in_flight < batch:
+                under += moment - last
             area += in_flight * (moment - last)
+            slots += min(in_flight, batch) * (moment - last) / max(batch, 1)
             in_flight += step
             last = moment
         if engine in loads:
@@ -243,6 +249,8 @@ def pipeline_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_second": tokens / window,
         "idle_seconds": idle,
         "mean_in_flight": area / window,
+        "underfilled_seconds": under,
+        "batch_occupancy": slots / window,
         "engines": len(per_engine),
         "engine_loads": len(loads),
         "load_seconds": [round(r["end"] - r["start"], 1) for r in loads.values()],
@@ -277,11 +285,15 @@ def main() -> int:
     parser.add_argument("--output", default="/tmp/refed-efficiency")
     parser.add_argument("--num-samples", type=int)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--max-num-seqs", type=int, help="engine.max_num_seqs (vLLM's batch), for both sides")
+    parser.add_argument("--num-cpus", type=int,
+                        help="CPUs of the local Ray instance this starts (default: Ray's, all cores)")
     parser.add_argument("--runs", type=int, default=2, help="pipeline/bare pairs, interleaved")
     parser.add_argument("--unconstrained", action="store_true",
                         help="also replay the bare batch without JSON schemas")
     parser.add_argument("--matched", action="store_true",
                         help="also replay the requests keeping as many in flight as the pipeline did on average")
+    parser.add_argument("--records", help="write each run's request timings here (JSON lines, no messages)")
     args = parser.parse_args()
 
     from refed_ray.config import load_config
@@ -290,10 +302,12 @@ def main() -> int:
 
     config = load_config(args.config, {
         "output": args.output, "num_samples": args.num_samples, "engine.device": args.device,
+        "engine.max_num_seqs": args.max_num_seqs,
     })
     if config.engine.kind != "vllm":
         raise SystemExit("engine_efficiency measures the vLLM engine: engine.kind must be vllm")
-    ray.init(namespace=NAMESPACE, runtime_env={"worker_process_setup_hook": install_recorder})
+    ray.init(namespace=NAMESPACE, num_cpus=args.num_cpus,
+             runtime_env={"worker_process_setup_hook": install_recorder})
     recorder = Recorder.options(name=RECORDER, namespace=NAMESPACE).remote()
 
     pipeline_rates, bare_rates = [], []
@@ -312,11 +326,23 @@ def main() -> int:
         pipeline_rates.append(figures["tokens_per_second"])
         bare_rates.append(bare["bare"]["tokens_per_second"])
         print_run(index, report, figures, bare, time.time() - began)
+        if args.records:
+            write_records(args.records, index, figures["requests"])
 
     pipeline_median, bare_median = statistics.median(pipeline_rates), statistics.median(bare_rates)
     print(f"\nmedians over {args.runs} interleaved runs: pipeline {pipeline_median:.2f} tokens/s, "
           f"bare vLLM {bare_median:.2f} tokens/s, ratio {pipeline_median / max(bare_median, 1e-9):.2f}")
     return 0
+
+
+def write_records(path: str, index: int, requests: list[dict[str, Any]]) -> None:
+    """The synthesis requests' timings, for a closer look at where the window went."""
+    import json
+
+    keep = ("engine", "title", "submit", "done", "prompt_tokens", "completion_tokens", "finish_reason", "error")
+    with open(path, "a", encoding="utf-8") as out:
+        for r in requests:
+            out.write(json.dumps({"run": index} | {k: r.get(k) for k in keep}) + "\n")
 
 
 def print_run(index: int, report: dict, f: dict, bare: dict, seconds: float) -> None:
@@ -335,6 +361,8 @@ def print_run(index: int, report: dict, f: dict, bare: dict, seconds: float) -> 
     print(f"    where the window went: engine idle {f['idle_seconds']:.1f} s, mean {f['mean_in_flight']:.1f} "
           f"requests in flight, first request {', '.join(f'{s} s' for s in f['first_request_after_load'])} "
           f"after its engine loaded")
+    print(f"    fewer requests in flight than max_num_seqs for {f['underfilled_seconds']:.1f} s; batch slots "
+          f"held {f['batch_occupancy']:.2f} of the window")
     print(f"  bare vLLM: {b['completion_tokens']} completion tokens in {b['seconds']:.1f} s "
           f"= {b['tokens_per_second']:.2f} tokens/s ({b['requests']} requests in one batch, "
           f"max_num_seqs {bare['max_num_seqs']}, load {bare['load_seconds']:.0f} s)")
