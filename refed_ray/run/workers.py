@@ -53,10 +53,31 @@ OUTAGE = "refed-ray outage"  # how the driver recognises an outage among a faile
 MISCONFIGURED = "refed-ray misconfigured"  # ... and engine settings the API refused
 
 
-class _EngineWorker:
+class PassWork:
+    """One pass's work on a shard: its pass, its rows' id column, and what to do with them. A
+    worker of one pass is its own (``_EngineWorker``); ``RunWorker`` holds one per pass."""
+
     pass_name: str
     id_column: str
+    engine: Engine
+    config: RunConfig
 
+    async def wanted(self, shard: str) -> bool:
+        """Whether to work on ``shard`` (a reserve shard may not be needed: ``run/reserve.py``)."""
+        return True
+
+    async def ready(self) -> None:
+        """Wait for what the shard's work needs before it takes a slot (synthesis: the feedback)."""
+
+    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
+        raise NotImplementedError
+
+    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
+        """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
+        raise NotImplementedError
+
+
+class _EngineWorker(PassWork):
     def __init__(self, config_json: str, secrets: list[ray.ObjectRef], run_id: str, submission: str,
                  rate_limiter: list | None = None):
         # The run this actor works for (its commits carry it) and the driver process that started
@@ -83,7 +104,7 @@ class _EngineWorker:
         # hold this worker until interpreter teardown.
         atexit.register(self.engine.shutdown)
 
-    def work_for(self, shard: str) -> _EngineWorker | PassWork:
+    def work_for(self, shard: str) -> PassWork:
         """What does ``shard``'s work: the worker itself for a worker of one pass (its
         ``pass_name``, ``id_column``, ``process``, ``abandon``); ``RunWorker`` picks by the shard's pass."""
         return self
@@ -115,7 +136,7 @@ class _EngineWorker:
         yield pa.table({"commit": [commit.model_dump_json()]}, COMMIT_SCHEMA)
 
     async def _attempt(
-        self, work: _EngineWorker | PassWork, attempt: commits.Attempt, shard: str, ids: list[str],
+        self, work: PassWork, attempt: commits.Attempt, shard: str, ids: list[str],
         rows: list[dict[str, Any]],
     ) -> commits.Commit:
         counters: dict[str, int] = {}
@@ -145,19 +166,6 @@ class _EngineWorker:
             self.run_id,
         )
 
-    async def wanted(self, shard: str) -> bool:
-        """Whether to work on ``shard`` (a reserve shard may not be needed: ``run/reserve.py``)."""
-        return True
-
-    async def ready(self) -> None:
-        """Wait for what the shard's work needs before it takes a slot (nothing by default)."""
-
-    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
-        raise NotImplementedError
-
-    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
-        """A shard whose engine died on every attempt (a poison input): rejects, with the reason."""
-        raise NotImplementedError
 
 
 def _start_engine(config: RunConfig, rate_limiter: Any) -> Engine:
@@ -198,33 +206,14 @@ def _abandon_reason(deaths: int) -> str:
             "engine that cannot run it); workers.max_shard_attempts")
 
 
-class PassWork:
-    """One pass's work on a shard, for a worker that serves several passes (``RunWorker``)."""
-
-    pass_name: str
-    id_column: str
-
-    def __init__(self, engine: Engine, config: RunConfig):
-        self.engine, self.config = engine, config
-
-    async def wanted(self, shard: str) -> bool:
-        return True
-
-    async def ready(self) -> None:
-        """Wait for what this pass's work needs (the synthesis: the feedback)."""
-
-    async def process(self, rows: list[dict[str, Any]]) -> tuple[dict[str, pa.Table], dict[str, StageStats]]:
-        raise NotImplementedError
-
-    def abandon(self, rows: list[dict[str, Any]], attempts: int) -> dict[str, pa.Table]:
-        raise NotImplementedError
-
-
 class FeedbackWork(PassWork):
     """Stage 1 over a shard of references."""
 
     pass_name = PassName.FEEDBACK
     id_column = "reference_id"
+
+    def __init__(self, engine: Engine, config: RunConfig):
+        self.engine, self.config = engine, config
 
     async def process(self, rows):
         references = [Reference(**{k: v for k, v in row.items() if k != "shard"}) for row in rows]
@@ -271,7 +260,7 @@ class SynthesisWork(PassWork):
 
     def __init__(self, engine: Engine, config: RunConfig, feedback: FeedbackCopy, earlier: EarlierRun | None,
                  reserve: list | None):
-        super().__init__(engine, config)
+        self.engine, self.config = engine, config
         self.feedback = feedback
         # instructions_from: the earlier run's committed files by shard (instructions_from.py).
         self.earlier = earlier
