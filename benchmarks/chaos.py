@@ -30,7 +30,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 from benchmarks.scale import start_ray, write_seeds  # noqa: E402
 
-ACTOR_TITLE = b"ray::MapWorker(MapBatches(SynthesisWorker))"
+ACTOR_TITLE = b"ray::MapWorker(MapBatches(RunWorker))"
 K, UNITS_PER_SHARD = 10, 64
 
 

@@ -145,11 +145,11 @@ def test_a_pass_whose_engines_reserve_a_gpu_builds_its_ray_dataset(engine, local
     every GPU run failed before its first actor. The pass's dataset must build, lazily (no GPU
     here), with one whole shard a batch and the GPU in its actors' options."""
     from refed_ray.run.passes import engine_dataset
-    from refed_ray.run.workers import SynthesisWorker
+    from refed_ray.run.workers import RunWorker
 
     config = RunConfig(engine=engine)
     blocks = [pyarrow.table({"shard": ["s-0"], "unit_id": ["u-0"]})]
-    dataset = engine_dataset(blocks, SynthesisWorker, {}, config, engines=1)
+    dataset = engine_dataset(blocks, RunWorker, {}, config, engines=1)
     operator = dataset._logical_plan.dag
     assert operator.batch_size is None and operator.min_rows_per_bundled_input is None
     assert operator.ray_remote_args["num_gpus"] == 1

@@ -3,7 +3,7 @@
 from refed_ray.records.commits import Commit, CommitLog
 from refed_ray.records.plan import next_shards, pending_shards, read_plan, top_up_units, write_plan
 from refed_ray.records.stats import ShardStats
-from refed_ray.run.reserve import Reserve, reserve_units
+from refed_ray.run.reserve import Reserve
 from refed_ray.storage import Storage
 
 REFS = [f"ref-{i}" for i in range(30)]
@@ -86,22 +86,3 @@ def test_a_run_stopped_inside_a_reserve_of_whole_shards_resumes_with_that_cut(tm
     reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
                            unplanned={earlier[1]})
     assert reserve.names == earlier and reserve.shard_size == 8
-
-
-def test_a_short_plan_reserves_a_shard_for_each_task_slot_within_the_budget(tmp_path):
-    # The demo at 32 samples: 8 units of K=4 in 2 shards, one engine working on 2 shards at once.
-    plan = write_plan(Storage(str(tmp_path / "out")), REFS, 32, 4, 7, units_per_shard=4)
-    assert plan.units == 8
-
-    def reserve(budget: int, task_slots: int) -> list[int]:
-        made = Reserve.plan(REFS, 7, plan, 4, units_done=0, accepted=0, k=4, num_samples=32, budget=budget,
-                            unplanned=set(), task_slots=task_slots)
-        return made.sizes if made else []
-
-    # Reserve shards are half shards (2 units): one for each slot, where 10% of the plan would be 1 unit.
-    assert reserve(budget=16, task_slots=1) == [2]
-    assert reserve(budget=16, task_slots=3) == [2, 2, 2]
-    assert reserve(budget=3, task_slots=2) == [2, 1]  # never past the top-up budget
-    assert reserve(budget=0, task_slots=2) == []
-    # A long plan's 10% is more than a shard a slot: the share decides.
-    assert reserve_units(plan_units=1000, shard_size=2, task_slots=2) == 100

@@ -310,7 +310,6 @@ def _reserve(storage: Storage, committed: CommitLog, config: RunConfig, referenc
         units_done=sum(len(c.ids) for c in done.values()), accepted=sum(c.stats.samples for c in done.values()),
         k=config.instructions_per_aspect, num_samples=config.num_samples, budget=max_units(config) - plan.units,
         unplanned=set(done) - planned,
-        task_slots=config.workers.num_engines * config.workers.shards_in_flight,
     )
 
 

@@ -53,19 +53,6 @@ class ReserveGate:
         return self.index.get(shard, -1) < self.wanted
 
 
-def reserve_units(plan_units: int, shard_size: int, task_slots: int) -> int:
-    """``RESERVE_SHARE`` of the plan, and at least a reserve shard for each task slot of the pass's engines.
-
-    A short run's shortfall is often more than 10% of its plan (a small teacher's rejects and
-    duplicates), and a top-up round is then a pass of its own: an engine load for a shard or two
-    that cannot fill the engine (``benchmarks/engine_efficiency.py``, the demo at 32 samples with
-    8 sequences: a 1-unit reserve, then a round of 3 units, 210 of the 732 engine-seconds of
-    synthesis with at most 7 chains). The floor lets the yield's share of such a top-up join the
-    pass where the engines' plan shards run out (dedup's drops, found after the pass, still call a
-    round); unneeded, its shards cost one round of skipped tasks."""
-    return max(math.ceil(RESERVE_SHARE * plan_units), task_slots * shard_size)
-
-
 class Reserve:
     """The driver's side: the reserve blocks, their sizing as commits come, the plan after."""
 
@@ -82,13 +69,11 @@ class Reserve:
 
     @classmethod
     def plan(cls, reference_ids: list[str], run_seed: int, plan: PlanSummary, units_per_shard: int, *, units_done: int,
-             accepted: int, k: int, num_samples: int, budget: int, unplanned: set[str],
-             task_slots: int = 1) -> Reserve | None:
+             accepted: int, k: int, num_samples: int, budget: int, unplanned: set[str]) -> Reserve | None:
         """``unplanned``: committed synthesis shards the plan does not name (a run stopped after
-        a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it.
-        ``task_slots``: the shards the pass's engines work on at once (engines x shards in flight)."""
+        a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it."""
         small = math.ceil(units_per_shard / RESERVE_SHARD_DIVISOR)
-        units = min(budget, reserve_units(plan.units, small, task_slots))
+        units = min(budget, math.ceil(RESERVE_SHARE * plan.units))
         if units <= 0:
             return None
         for size in (small, units_per_shard):  # whole plan shards: how runs before the half shards cut it
