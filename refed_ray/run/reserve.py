@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from refed_ray.records.commits import Commit, CommitLog
-from refed_ray.records.plan import PlanSummary, next_shards, top_up_units, write_plan
+from refed_ray.records.plan import TAIL_DIVISOR, PlanSummary, next_shards, top_up_units, write_plan
 from refed_ray.records.stages import PassName
 from refed_ray.storage import Storage
 
@@ -31,10 +31,6 @@ from refed_ray.storage import Storage
 # itself. More would cost a skipped task (a commit lookup and a gate call) per unneeded shard.
 RESERVE_SHARE = 0.1
 log = logging.getLogger(__name__)
-# Reserve shards hold half a plan shard's units: they are the pass's last blocks, and smaller last
-# blocks even out when the engines run out of work (an engine that finishes early takes another
-# one while the others finish theirs: the pass's tail; ``plan.TAIL_DIVISOR`` says why not smaller).
-RESERVE_SHARD_DIVISOR = 2
 
 
 @ray.remote(num_cpus=0)
@@ -51,6 +47,10 @@ class ReserveGate:
     def claim(self, shard: str) -> bool:
         """Whether ``shard`` is to be run: any plan shard, and the first ``wanted`` reserve shards."""
         return self.index.get(shard, -1) < self.wanted
+
+
+def _names(blocks: list[pa.Table]) -> set[str]:
+    return {b.column("shard")[0].as_py() for b in blocks}
 
 
 class Reserve:
@@ -72,18 +72,19 @@ class Reserve:
              accepted: int, k: int, num_samples: int, budget: int, unplanned: set[str]) -> Reserve | None:
         """``unplanned``: committed synthesis shards the plan does not name (a run stopped after
         a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it."""
-        small = math.ceil(units_per_shard / RESERVE_SHARD_DIVISOR)
+        # Cut like the plan's tail (``plan.TAIL_DIVISOR``): reserve shards are the pass's last blocks.
+        small = math.ceil(units_per_shard / TAIL_DIVISOR)
         units = min(budget, math.ceil(RESERVE_SHARE * plan.units))
         if units <= 0:
             return None
-        for size in (small, units_per_shard):  # whole plan shards: how runs before the half shards cut it
-            blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
-            if unplanned <= {b.column("shard")[0].as_py() for b in blocks}:
-                return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
-        log.warning("%d committed synthesis shards are neither planned nor reserve shards (was max_extra_units "
-                    "lowered?): they stay outside the plan", len(unplanned))
-        return cls(next_shards(reference_ids, run_seed, plan.units, units, small), plan.units, units_done, accepted,
-                   k, num_samples, budget, small)
+        blocks = next_shards(reference_ids, run_seed, plan.units, units, small)
+        if not unplanned <= _names(blocks):  # whole plan shards: how runs before the half shards cut their reserve
+            whole = next_shards(reference_ids, run_seed, plan.units, units, units_per_shard)
+            if unplanned <= _names(whole):
+                return cls(whole, plan.units, units_done, accepted, k, num_samples, budget, units_per_shard)
+            log.warning("%d committed synthesis shards are neither planned nor reserve shards (was max_extra_units "
+                        "lowered?): they stay outside the plan", len(unplanned))
+        return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, small)
 
     def worker_args(self) -> dict:
         """The synthesis workers' ``reserve``: the gate and the names it decides on (any other
