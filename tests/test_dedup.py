@@ -130,24 +130,36 @@ def test_run_drops_counts_and_records_duplicates_and_a_kill_in_dedup_resumes_exa
     assert next(iter(CommitLog(storage).commits["dedup"].values())).token == token
 
 
-def _repeating_run(tmp_path):
+def _repeating_run(tmp_path, **engine_kwargs):
     """A run whose later rounds repeat round 0's instructions: its round of 6 units keeps 18
-    samples of 24, and its top-up round (3 units, the budget) only adds near-duplicates."""
+    samples of 24, and its top-up (3 units, the budget: reserve shards of its one pass) only
+    adds near-duplicates."""
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
-    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}}
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True, **engine_kwargs}}
     return make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine)
 
 
-def _killed_on_second_call(real, what: str):
-    calls = []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+def _killed_once_the_top_up_committed(real, what: str):
+    """``real`` (a filter step called with ``(storage, committed, ...)``), killed on its first call
+    once the top-up's 3 units are committed: the reserve's settle inside the pass."""
+    def dying(storage, committed, *args, **kwargs):
+        if len(committed.ids("synthesis")) == 9:
             raise Killed(what)
-        return real(*args, **kwargs)
+        return real(storage, committed, *args, **kwargs)
 
     return dying
+
+
+def test_the_top_up_runs_inside_the_one_pass_where_dedup_finds_the_shortfall(tmp_path):
+    loads = tmp_path / "loads.log"
+    config = _repeating_run(tmp_path, loads_log=str(loads))
+    report = run(config)
+    log = CommitLog(Storage(config.output))
+    # The round of 6 units is 18 samples after dedup: the 3 units of the budget ran in the same
+    # pass, on the same engines (each loaded once), and only added near-duplicates.
+    assert len(log.ids("synthesis")) == 9 and report["delivered"] == 18
+    assert report["deduplicated"]["across_units"] == 9
+    assert len(loads.read_text().splitlines()) == config.workers.num_engines
 
 
 def _exported_instructions(config, target) -> list[str]:
@@ -165,8 +177,9 @@ def _assert_no_near_duplicates(instructions: list[str]) -> None:
 def test_export_after_a_crash_inside_a_top_up_round_drops_the_top_up_duplicates(tmp_path, monkeypatch):
     config = _repeating_run(tmp_path)
     storage = Storage(config.output)
-    # Killed after the top-up round's synthesis pass committed, before its dedup pass.
-    monkeypatch.setattr(pipeline, "deduplicate", _killed_on_second_call(dedup.deduplicate, "killed in a top-up round"))
+    # Killed after the top-up's synthesis committed, before its dedup.
+    monkeypatch.setattr(pipeline, "deduplicate",
+                        _killed_once_the_top_up_committed(dedup.deduplicate, "killed in a top-up"))
     with pytest.raises(Killed):
         run(config)
     monkeypatch.undo()
@@ -187,8 +200,9 @@ def test_export_after_a_crash_inside_a_top_up_round_drops_the_top_up_duplicates(
 def test_with_two_dedup_commits_left_the_current_one_wins(tmp_path, monkeypatch):
     config = _repeating_run(tmp_path)
     storage = Storage(config.output)
-    # Killed after the top-up round's dedup commit, before the first round's one was deleted.
-    monkeypatch.setattr(dedup, "_delete_stale", _killed_on_second_call(dedup._delete_stale, "killed in dedup's clean-up"))
+    # Killed after the top-up's dedup commit, before the first round's one was deleted.
+    monkeypatch.setattr(dedup, "_delete_stale",
+                        _killed_once_the_top_up_committed(dedup._delete_stale, "killed in dedup's clean-up"))
     with pytest.raises(Killed):
         run(config)
     monkeypatch.undo()

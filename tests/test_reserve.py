@@ -86,3 +86,60 @@ def test_a_run_stopped_inside_a_reserve_of_whole_shards_resumes_with_that_cut(tm
     reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
                            unplanned={earlier[1]})
     assert reserve.names == earlier and reserve.shard_size == 8
+
+
+class _Gate:
+    """The gate's calls, as the driver makes them (``.remote``), recorded."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.want = type("Method", (), {"remote": lambda _, count: self.calls.append(("want", count))})()
+        self.close = type("Method", (), {"remote": lambda _: self.calls.append(("close",))})()
+
+
+def test_the_reserve_settles_inside_the_pass_on_what_the_filters_keep():
+    # 40 units of K=10 for N=400 in 10 plan shards; every unit yields 10 samples, so the yield
+    # alone wants no reserve shard. The filters keep all at the pass's first commit and at half
+    # its plan, 380 at its end: 20 short, 3 units with the margin, one reserve shard of 4.
+    reserve = _reserve(plan_units=40, k=10, n=400, budget=8)
+    measures = iter([40, 200, 380, 420])
+    gate = _Gate()
+    reserve.begin({f"s{i}" for i in range(10)}, set(), lambda: next(measures), gate)
+    for i in range(10):
+        reserve.on_commit(_commit(f"s{i}", 4, 40))
+    assert top_up_units(20, 380, 40, 10, 8) == 3
+    assert gate.calls == [("want", 1)] and not reserve.closed  # the actors waiting on the gate start it
+    reserve.on_commit(_commit(reserve.names[0], 4, 40))  # the wanted reserve shard: it settles again
+    assert gate.calls == [("want", 1), ("close",)] and reserve.closed
+    assert next(measures, None) is None  # the filters ran at commits 1 and 5 and at both settles
+
+
+def test_filters_that_cannot_run_close_the_reserve_on_the_yield_alone():
+    reserve = _reserve(plan_units=8, k=10, n=80, budget=8)
+    gate = _Gate()
+    reserve.begin({"s0", "s1"}, set(), lambda: None, gate)
+    reserve.on_commit(_commit("s0", 4, 36))  # yield 0.9: reserve shards wanted at once
+    wanted = gate.calls[-1][1]
+    assert gate.calls == [("want", wanted)] and wanted >= 1
+    reserve.on_commit(_commit("s1", 4, 36))
+    for name in reserve.names[:wanted]:
+        reserve.on_commit(_commit(name, 4, 36))
+    assert gate.calls[-1] == ("close",) and reserve.closed
+
+
+def test_a_reserve_shard_not_wanted_yet_waits_at_the_gate_until_wanted_or_closed(local_ray):
+    import ray
+
+    from refed_ray.run.reserve import ReserveGate
+
+    gate = ReserveGate.remote(["r0", "r1", "r2"])
+    assert ray.get(gate.claim.remote("plan-shard"))  # not a reserve shard: run
+    first, second = gate.claim.remote("r0"), gate.claim.remote("r2")
+    ready, _ = ray.wait([first, second], timeout=1)
+    assert not ready  # neither wanted nor closed: they wait
+    gate.want.remote(1)
+    assert ray.get(first) is True
+    assert not ray.wait([second], timeout=0.5)[0]
+    gate.close.remote()
+    assert ray.get(second) is False
+    assert ray.get(gate.claim.remote("r1")) is False  # closed: the rest are skipped at once

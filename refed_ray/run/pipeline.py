@@ -278,8 +278,9 @@ def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engi
     log.info("synthesis: %d shards to do (%d committed)", len(synthesis), len(done))
     extra, listeners = {}, [broadcast.on_commit]
     if reserve is not None and synthesis:
+        extra = reserve.worker_args({b.column("shard")[0].as_py() for b in synthesis}, done,
+                                    _kept_now(storage, committed, config))
         synthesis += [b for b in reserve.blocks if b.column("shard")[0].as_py() not in done]
-        extra = reserve.worker_args()
         listeners.append(reserve.on_commit)
     blocks = feedback + synthesis
     # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
@@ -290,6 +291,19 @@ def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engi
                               engines=len(blocks), progress=progress, index_every=INDEX_EVERY_SHARDS,
                               on_commit=_each(listeners))
     return results.get(SYNTHESIS.name, PassResult())
+
+
+def _kept_now(storage: Storage, committed: CommitLog, config: RunConfig) -> Callable[[], int | None]:
+    """How the reserve measures the run inside its pass (``reserve.py``): the filters commit
+    their drops over what is committed (a later run of them replaces it), and the samples they
+    keep are counted. None when the cluster has no CPU free: the engines hold them all, and the
+    filters' tasks would wait for the pass to end."""
+    def kept() -> int | None:
+        if ray.available_resources().get("CPU", 0) < 1:
+            return None
+        _apply_filters(storage, committed, config)
+        return accepted_samples(committed, config)
+    return kept
 
 
 def _each(listeners: list[Callable[[Commit], None]]) -> Callable[[Commit], None]:

@@ -273,9 +273,10 @@ class SynthesisWork(PassWork):
         try:
             return await self.reserve_gate.claim.remote(shard)
         except ray.exceptions.RayError as err:
-            # A reserve shard left undone costs a top-up round at worst; a failed pass costs more.
-            log.warning("reserve gate unreachable, skipping reserve shard %s: %s", shard, err)
-            return False
+            # Run it: the driver settles the reserve once every wanted shard has committed, so a
+            # wanted shard skipped would leave the others waiting; one unneeded costs a shard's work.
+            log.warning("reserve gate unreachable, running reserve shard %s: %s", shard, err)
+            return True
 
     async def ready(self) -> None:
         await self.feedback.get()
