@@ -95,17 +95,19 @@ def iter_units(reference_ids: list[str], num_samples: int, k: int, run_seed: int
     return itertools.islice(unit_order(reference_ids, run_seed), units_needed(num_samples, k))
 
 
-def top_up_units(short: int, accepted: int, units_done: int, k: int, budget: int) -> int:
+def top_up_units(short: int, accepted: int, units_done: int, k: int, budget: int, margin: bool = True) -> int:
     """Units to add when ``short`` samples are missing, sized by the yield so far (``accepted``
     samples from ``units_done`` units of K) and bounded by ``budget``.
 
     Sized for the expected yield alone, a top-up would fall short about half the time, and each
     further round loads engines again. A margin of two standard deviations of a binomial yield
-    makes a second round rare, for a few samples beyond N (data/ keeps them, dataset/ holds N)."""
+    makes a second round rare, for a few samples beyond N (data/ keeps them, dataset/ holds N).
+    Without ``margin``: the expected yield alone, for a top-up that can still be topped up at
+    little cost (reserve shards inside a running pass)."""
     if short <= 0 or budget <= 0 or accepted == 0:
         return 0
     kept = accepted / (units_done * k)
-    margin = 2 * math.sqrt(short * (1 - kept))
+    margin = 2 * math.sqrt(short * (1 - kept)) if margin else 0.0
     return min(budget, math.ceil((short + margin) * units_done / accepted))
 
 

@@ -9,13 +9,13 @@ within the top-up budget. An engine actor that reaches a reserve shard asks a ga
 answers when the driver knows:
 
 - while the pass runs, the driver sizes the shortfall from the yield of the shards committed so
-  far (``plan.top_up_units``, its margin included) less the share the filters drop (measured
-  by running them over what is committed at the pass's first synthesis commit and at half of
-  its plan), and wants that many reserve shards at once: they start while the plan's last shards
-  still run;
+  far less the share the filters drop (measured by running them over what is committed at the
+  pass's first synthesis commit and at half of its plan), and wants that many reserve shards at
+  once: they start while the plan's last shards still run (``plan.top_up_units`` for the
+  expected yield: the settle adds what is missing; with its margin where the filters cannot run);
 - when every plan shard and every wanted reserve shard is committed, the driver runs the filters
   (dedup) over the whole run, still inside the pass (``settle``): short of N, it wants more
-  reserve shards, which the actors already waiting on the gate start at once, with their engines
+  reserve shards (``top_up_units`` with its margin), which the actors already waiting on the gate start at once, with their engines
   loaded; otherwise it closes the reserve and the rest are skipped (nothing committed).
 
 After the pass the plan is extended to cover the reserve shards committed, so they are planned
@@ -105,6 +105,7 @@ class Reserve:
         self.reserve_done: set[str] = set()
         self.kept_now: Callable[[], int | None] = lambda: None
         self.drop_share = 0.0  # of synthesis's samples, the share the filters dropped when last run
+        self.filters_run = False  # whether they can run inside the pass (a CPU free for their tasks)
         self.estimates_due = [0]  # plan units done at which the filters' share is measured again
 
     @classmethod
@@ -172,6 +173,7 @@ class Reserve:
         run over the whole run, and what is still missing comes from more reserve shards (their
         actors wait, engines loaded) or, with none needed, the reserve closes."""
         kept = self.kept_now()
+        self.filters_run = kept is not None
         more = 0
         if kept is not None:
             self.drop_share = 1 - kept / self.accepted if self.accepted else 0.0
@@ -191,11 +193,15 @@ class Reserve:
 
     def _measure_drops(self) -> None:
         kept = self.kept_now()
+        self.filters_run = kept is not None
         if kept is not None and self.accepted:
             self.drop_share = 1 - kept / self.accepted
 
     def _want(self, count: int) -> None:
         if count > self.wanted and self.gate is not None:
+            log.info("reserve: %d of %d shards wanted (%d units committed, %d samples, %.2f of them dropped by "
+                     "the filters when last run)", count, len(self.names), self.units_done, self.accepted,
+                     self.drop_share)
             self.wanted = count
             self.gate.want.remote(count)
 
@@ -209,7 +215,12 @@ class Reserve:
         kept = self.accepted * keeps / (self.units_done * self.k)
         expected = (self.accepted - self.reserve_accepted) * keeps + (self.plan_units - plan_done) * self.k * kept
         short = math.ceil(self.num_samples - expected)
-        return top_up_units(short, math.floor(self.accepted * keeps), self.units_done, self.k, self.budget)
+        # The expected yield alone while the filters run in the pass: its settle tops up what is
+        # still missing on loaded engines, where a margin taken from a few shards' yield would
+        # make a small run twice the work it needs. With the margin where the reserve closes on
+        # the yield alone (a shortfall then costs a round of its own).
+        return top_up_units(short, math.floor(self.accepted * keeps), self.units_done, self.k, self.budget,
+                            margin=not self.filters_run)
 
     def _shards_for(self, units: int, skip_done: bool = False) -> int:
         """How many reserve shards, in order, hold ``units`` units (``skip_done``: of shards not
