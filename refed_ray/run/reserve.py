@@ -15,8 +15,9 @@ answers when the driver knows:
   expected yield: the settle adds what is missing; with its margin where the filters cannot run);
 - when every plan shard and every wanted reserve shard is committed, the driver runs the filters
   (dedup) over the whole run, still inside the pass (``settle``): short of N, it wants more
-  reserve shards (``top_up_units`` with its margin), which the actors already waiting on the gate start at once, with their engines
-  loaded; otherwise it closes the reserve and the rest are skipped (nothing committed).
+  reserve shards (``top_up_units`` with its margin), which the actors already waiting on the
+  gate start at once, with their engines loaded; otherwise it closes the reserve and the rest
+  are skipped (nothing committed).
 
 After the pass the plan is extended to cover the reserve shards committed, so they are planned
 work like any other (``absorb``). A top-up round of its own is left for a reserve used up, or a
