@@ -235,3 +235,16 @@ def _all_samples(storage: Storage, log: CommitLog) -> list[dict]:
 def _dataset(storage: Storage):
     for name in dataset_files(storage):
         yield pq.read_table(storage.path(name))
+
+
+def test_with_every_cpu_held_by_the_engines_the_reserve_closes_on_the_yield_and_the_run_ends(tmp_path, caplog):
+    # 2 engines of 2 CPUs on the 4-CPU test cluster: dedup's tasks could not run inside the pass.
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}, "resources": {"num_cpus": 2}}
+    config = make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine)
+    with caplog.at_level("INFO", logger="refed_ray.run.reserve"):
+        report = run(config)
+    assert "could not run inside the pass" in caplog.text
+    # The yield alone (with its margin) took the budget's 3 units into the pass; dedup after it.
+    assert report["units"]["committed"] == 9 and report["delivered"] == 18
+    assert report["deduplicated"]["across_units"] == 9
