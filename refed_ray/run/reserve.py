@@ -136,7 +136,8 @@ class Reserve:
         # On the driver's node, as the feedback board is: a gate lost with a spot node would
         # restart knowing nothing, and its waiting shards would wait for ever.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.begin(plan_shards, done, kept_now, self.gate or ReserveGate.options(scheduling_strategy=here).remote(self.names))
+        gate = self.gate or ReserveGate.options(scheduling_strategy=here).remote(self.names)
+        self.begin(plan_shards, done, kept_now, gate)
         return {"reserve": [self.gate, self.names]}
 
     def begin(self, plan_shards: set[str], done: set[str], kept_now: Callable[[], int | None], gate) -> None:
@@ -166,18 +167,21 @@ class Reserve:
             self.estimates_due = [due for due in self.estimates_due if due > self.units_done]
             self._measure_drops()
         self._want(self._shards_for(self._units_wanted()))
-        if self.gate is not None and not self.pending_plan and all(name in self.reserve_done for name in self.names[: self.wanted]):
+        if self._nothing_left_running():
             self.settle()
+
+    def _nothing_left_running(self) -> bool:
+        """Every plan shard of the pass and every wanted reserve shard committed."""
+        wanted = self.names[: self.wanted]
+        return self.gate is not None and not self.pending_plan and all(name in self.reserve_done for name in wanted)
 
     def settle(self) -> None:
         """Every plan shard and every wanted reserve shard of the pass is committed: the filters
         run over the whole run, and what is still missing comes from more reserve shards (their
         actors wait, engines loaded) or, with none needed, the reserve closes."""
-        kept = self.kept_now()
-        self.filters_run = kept is not None
+        kept = self._measure_drops()
         more = 0
         if kept is not None:
-            self.drop_share = 1 - kept / self.accepted if self.accepted else 0.0
             more = top_up_units(self.num_samples - kept, kept, self.units_done, self.k, self.budget)
         count = self._shards_for(more, skip_done=True)
         if kept is not None and count > self.wanted:
@@ -192,11 +196,14 @@ class Reserve:
         if self.gate is not None:
             self.gate.close.remote()
 
-    def _measure_drops(self) -> None:
+    def _measure_drops(self) -> int | None:
+        """Run the filters over the committed samples: the share they drop, and the samples they
+        keep (None where they cannot run)."""
         kept = self.kept_now()
         self.filters_run = kept is not None
         if kept is not None and self.accepted:
             self.drop_share = 1 - kept / self.accepted
+        return kept
 
     def _want(self, count: int) -> None:
         if count > self.wanted and self.gate is not None:
