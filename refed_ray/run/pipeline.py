@@ -278,8 +278,7 @@ def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engi
     log.info("synthesis: %d shards to do (%d committed)", len(synthesis), len(done))
     extra, listeners = {}, [broadcast.on_commit]
     if reserve is not None and synthesis:
-        extra = reserve.worker_args({b.column("shard")[0].as_py() for b in synthesis}, done,
-                                    _kept_now(storage, committed, config))
+        extra = reserve.worker_args(synthesis, done, _kept_now(storage, committed, config))
         synthesis += [b for b in reserve.blocks if b.column("shard")[0].as_py() not in done]
         listeners.append(reserve.on_commit)
     blocks = feedback + synthesis

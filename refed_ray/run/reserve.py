@@ -128,8 +128,8 @@ class Reserve:
                         "lowered?): they stay outside the plan", len(unplanned))
         return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, small)
 
-    def worker_args(self, plan_shards: set[str], done: set[str], kept_now: Callable[[], int | None]) -> dict:
-        """The synthesis workers' ``reserve`` for a pass over ``plan_shards`` (its plan shards not
+    def worker_args(self, plan_blocks: list[pa.Table], done: set[str], kept_now: Callable[[], int | None]) -> dict:
+        """The synthesis workers' ``reserve`` for a pass over ``plan_blocks`` (its plan shards not
         committed) with ``done`` committed: the gate and the names it decides on (any other
         shard is run without asking). ``kept_now``: runs the filters over the committed samples
         and returns how many they keep, or None when they cannot run now."""
@@ -137,7 +137,7 @@ class Reserve:
         # restart knowing nothing, and its waiting shards would wait for ever.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         gate = self.gate or ReserveGate.options(scheduling_strategy=here).remote(self.names)
-        self.begin(plan_shards, done, kept_now, gate)
+        self.begin(_names(plan_blocks), done, kept_now, gate)
         return {"reserve": [self.gate, self.names]}
 
     def begin(self, plan_shards: set[str], done: set[str], kept_now: Callable[[], int | None], gate) -> None:
