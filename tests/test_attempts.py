@@ -53,6 +53,20 @@ def test_leftover_attempt_records_are_removed_once_their_shard_is_committed(tmp_
     assert start_attempt(storage, "synthesis", pending, "sub-1").number == 2
 
 
+def test_a_committed_attempt_forgets_the_shards_records_and_no_other(tmp_path):
+    """The records go once the shard commits, so the folder every shard's history lists holds
+    the shards in flight, not the whole run's (O(shards^2) at 10M samples)."""
+    storage = Storage(str(tmp_path / "out"))
+    shard, other = shard_name("synthesis", ["a"]), shard_name("synthesis", ["b"])
+    start_attempt(storage, "synthesis", shard, "sub-1").end_cleanly()  # an earlier stop
+    start_attempt(storage, "synthesis", other, "sub-1")
+    last = start_attempt(storage, "synthesis", shard, "sub-1")
+    assert last.number == 2 and len(last.earlier) == 2
+    commit_shard(storage, "synthesis", shard, ["a"], {"data": ONE_ROW}, ShardStats(samples=1), last.number)
+    last.forget()
+    assert [name.split("/")[-1].split(".")[0] for name in storage.list("_attempts/synthesis")] == [other]
+
+
 def test_a_commit_of_another_run_is_not_found_nor_read(tmp_path):
     storage = Storage(str(tmp_path / "out"))
     storage.write_json(RUN_FILE, {"run_id": "current"})

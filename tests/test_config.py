@@ -96,3 +96,14 @@ def test_an_engine_its_actor_cannot_fill_is_warned_about(caplog):
         _warn_if_underfilled(config, 256)  # vLLM's default max_num_seqs on GPUs
     assert "can batch 256 requests but its actor holds at most 64 sample chains" in caplog.text
     assert "workers.units_per_shard" in caplog.text
+
+
+def test_shards_in_flight_unset_holds_128_units_an_actor():
+    def in_flight(**workers):
+        return RunConfig.model_validate({"workers": workers}).workers.shards_in_flight
+
+    assert in_flight() == 2  # 64 units a shard: the default as before
+    assert in_flight(units_per_shard=32) == 4  # simulated GPU cluster: 0.88 of the engines' time at 2, 0.95 at 3
+    assert in_flight(units_per_shard=100) == 2  # never fewer than one shard finishing while the next fills
+    assert in_flight(units_per_shard=1) == 64  # the setting's bound
+    assert in_flight(units_per_shard=32, shards_in_flight=1) == 1  # a setting is kept as it is

@@ -57,6 +57,8 @@ def test_run_writes_every_output_and_the_report_adds_up(tmp_path):
     assert report["stages"]["refinement"]["rows_out"] == 24
     assert json.loads((tmp_path / "out" / "report.json").read_text())["samples"] == 24
     assert all(s.model == "fake-teacher" and s.completion_tokens > 0 for s in samples)
+    # Each committed shard's attempt records went with its commit (records/commits.py, Attempt.forget).
+    assert not storage.list("_attempts/feedback") and not storage.list("_attempts/synthesis")
 
 
 def test_invalid_outputs_are_retried_then_rejected_with_their_reason(tmp_path):

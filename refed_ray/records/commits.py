@@ -207,14 +207,41 @@ class Attempt:
     record: str  # _attempts/<pass>/<shard>.<submission>.<token>, without its state
     number: int  # 1 + the shard's earlier starts, of any submission
     deaths: int  # engine deaths while holding the shard, in this submission
+    earlier: tuple[str, ...] = ()  # the shard's earlier records
 
     def end_cleanly(self) -> None:
         """The attempt ended and its process lives on: whatever ended it, it was no engine death."""
         self.storage.write_bytes(self.record + STOPPED, b"")
 
+    def forget(self) -> None:
+        """Delete the shard's records once it is committed. Every shard's history is a LIST of
+        its pass's folder: left there until the next run's clean-up, the records of a 10M-sample
+        run's 17,000 committed shards made each new shard list them all (O(shards^2); on S3, 17
+        pages a shard). What a kill leaves here, ``CommitLog.remove_leftovers`` deletes."""
+        self.storage.delete_many([*self.earlier, self.record + STARTED])
 
-def start_attempt(storage: Storage, pass_name: str, shard: str, submission: str) -> Attempt:
-    """Count the shard's earlier starts and deaths (one LIST), then record this start (one PUT)."""
+
+@dataclass(frozen=True)
+class AttemptHistory:
+    """A shard's earlier attempts, read before it waits for a slot: a shard whose engine died
+    under it runs alone (``run/slots.py``), so ``deaths`` must be known before it starts."""
+
+    storage: Storage
+    prefix: str  # _attempts/<pass>/<shard>.
+    submission: str
+    starts: int  # of any submission
+    deaths: int  # engine deaths while holding the shard, in this submission
+    records: tuple[str, ...]  # the records listed
+
+    def start(self) -> Attempt:
+        """Record this attempt's start (one PUT)."""
+        record = f"{self.prefix}{self.submission}.{uuid.uuid4().hex[:12]}"
+        self.storage.write_bytes(record + STARTED, b"")
+        return Attempt(self.storage, record, number=self.starts + 1, deaths=self.deaths, earlier=self.records)
+
+
+def attempt_history(storage: Storage, pass_name: str, shard: str, submission: str) -> AttemptHistory:
+    """Count the shard's earlier starts and deaths (one LIST)."""
     prefix = f"_attempts/{pass_name}/{shard}."
     names = [posixpath.basename(p) for p in storage.fs.glob(storage.path(prefix + "*"))]
     states = {STARTED: set(), STOPPED: set()}
@@ -223,10 +250,14 @@ def start_attempt(storage: Storage, pass_name: str, shard: str, submission: str)
             if name.endswith(state):  # anything else is a local write killed midway
                 attempts.add(name[len(shard) + 1:-len(state)])  # <submission>.<token>
     left_without_an_end = states[STARTED] - states[STOPPED]
-    record = f"{prefix}{submission}.{uuid.uuid4().hex[:12]}"
-    storage.write_bytes(record + STARTED, b"")
-    return Attempt(storage, record, number=len(states[STARTED]) + 1,
-                   deaths=sum(1 for a in left_without_an_end if a.startswith(submission + ".")))
+    return AttemptHistory(storage, prefix, submission, starts=len(states[STARTED]),
+                          deaths=sum(1 for a in left_without_an_end if a.startswith(submission + ".")),
+                          records=tuple(posixpath.dirname(prefix) + "/" + name for name in names))
+
+
+def start_attempt(storage: Storage, pass_name: str, shard: str, submission: str) -> Attempt:
+    """Count the shard's earlier starts and deaths (one LIST), then record this start (one PUT)."""
+    return attempt_history(storage, pass_name, shard, submission).start()
 
 
 # ---- readers (driver) ----------------------------------------------------------------------

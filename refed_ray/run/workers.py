@@ -44,6 +44,7 @@ from refed_ray.records.models import Feedback, Reference, Reject, Sample, WorkUn
 from refed_ray.records.stages import PassName, Stage
 from refed_ray.records.stats import ShardStats, StageStats, merge
 from refed_ray.run.instructions_from import EarlierRun, earlier_units
+from refed_ray.run.slots import ShardSlots, alone_at
 from refed_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class _EngineWorker(PassWork):
             hang_timeout_s=workers.hang_timeout_s,
         )
         # Ray Data may hand an async actor more shards than it should work on at once.
-        self.shard_slots = asyncio.Semaphore(workers.shards_in_flight)
+        self.shard_slots = ShardSlots(workers.shards_in_flight)
         self.shards_started = itertools.count()  # the engine admits the calls of older shards first
         # Ray Data ends a pass by letting its actors exit: the engine stops then, with the
         # interpreter intact. Not in __del__: vLLM keeps an import error's traceback, whose frames
@@ -122,10 +123,12 @@ class _EngineWorker(PassWork):
             return
         if commit is None:
             await work.ready()  # before a slot: a shard waiting for the feedback holds none
-            async with self.shard_slots:
-                attempt = await asyncio.to_thread(
-                    commits.start_attempt, self.storage, work.pass_name, shard, self.submission
-                )
+            history = await asyncio.to_thread(
+                commits.attempt_history, self.storage, work.pass_name, shard, self.submission
+            )
+            last_attempt = history.deaths >= alone_at(self.config.workers.max_shard_attempts)
+            async with self.shard_slots.take(alone=last_attempt):
+                attempt = await asyncio.to_thread(history.start)
                 try:
                     commit = await self._attempt(work, attempt, shard, ids, batch.to_pylist())
                 except BaseException:
@@ -161,10 +164,12 @@ class _EngineWorker(PassWork):
                 # Fails the pass at once: no call can succeed until the settings are fixed.
                 raise RuntimeError(f"{MISCONFIGURED}: {err}") from None
         stats = ShardStats.of(tables, stages, counters.get("outage_retries", 0))
-        return await asyncio.to_thread(
+        commit = await asyncio.to_thread(
             commits.commit_shard, self.storage, work.pass_name, shard, ids, tables, stats, attempt.number,
             self.run_id,
         )
+        await _forget(attempt)
+        return commit
 
 
 
@@ -199,6 +204,14 @@ async def _end_cleanly(attempt: commits.Attempt) -> None:
         await asyncio.shield(asyncio.to_thread(attempt.end_cleanly))
     except Exception as err:  # fsspec back ends raise many types
         log.warning("could not record the clean end of %s: %s", attempt.record, err)
+
+
+async def _forget(attempt: commits.Attempt) -> None:
+    # The shard is committed: a failure to delete its records costs a later clean-up, not the shard.
+    try:
+        await asyncio.to_thread(attempt.forget)
+    except Exception as err:  # fsspec back ends raise many types
+        log.warning("could not delete the attempt records of %s: %s", attempt.record, err)
 
 
 def _abandon_reason(deaths: int) -> str:
