@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -62,6 +63,9 @@ class PeakWorkerRSS(threading.Thread):
         super().__init__(daemon=True)
         self.peak = 0
         self.loads: list[float] = []
+        # The driver's own peak and what it was doing then (its last refed-ray log line).
+        self.driver_peak, self.driver_peak_during, self.phase = 0, "", "start"
+        self.started = time.time()
 
     def run(self):
         while True:
@@ -79,7 +83,22 @@ class PeakWorkerRSS(threading.Thread):
                 if title.startswith(b"ray::") and _descends(pid, os.getpid(), parents):
                     self.peak = max(self.peak, rss[pid])
             self.loads.append(os.getloadavg()[0])
+            driver = rss.get(os.getpid(), 0)
+            if driver > self.driver_peak:
+                self.driver_peak = driver
+                self.driver_peak_during = f"{time.time() - self.started:.0f} s in, after: {self.phase}"
             time.sleep(1.0)
+
+
+class LastLine(logging.Handler):
+    """Tells the watcher what the driver last said (refed-ray's INFO lines: plan, passes, filters)."""
+
+    def __init__(self, watcher: PeakWorkerRSS):
+        super().__init__(logging.INFO)
+        self.watcher = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.watcher.phase = record.getMessage()[:120]
 
 
 def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
@@ -130,13 +149,16 @@ def one(config_json: str, cpus: int) -> None:
     counts = count_requests()
     watcher = PeakWorkerRSS()
     watcher.start()
+    refed_log = logging.getLogger("refed_ray")
+    refed_log.setLevel(logging.INFO)
+    refed_log.addHandler(LastLine(watcher))
     start_ray(cpus)
     started = time.time()
     report = run(RunConfig.model_validate_json(config_json))
     wall = time.time() - started
     hwm = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
     print("RESULT " + json.dumps({
-        "wall_s": wall, "driver_peak_rss": hwm, "worker_peak_rss": watcher.peak, "requests": counts["requests"],
+        "wall_s": wall, "driver_peak_rss": hwm, "driver_peak_during": watcher.driver_peak_during, "worker_peak_rss": watcher.peak, "requests": counts["requests"],
         "load_mean": sum(watcher.loads) / max(len(watcher.loads), 1),
         "samples": report["samples"], "shards": report["shards"], "plan": report["plan"],
         "dataset_files": len(report["dataset"]["files"]), "synthesis_s": report["this_run"]["synthesis_seconds"],
@@ -229,6 +251,7 @@ def main() -> int:
               f"machine load average {first['load_mean']:.1f} on {os.cpu_count()} cores (mean of 1-min figures)")
         print(f"  driver peak RSS {fmt_mb(first['driver_peak_rss'])}; largest worker peak RSS "
               f"{fmt_mb(first['worker_peak_rss'])}")
+        print(f"  driver peak sampled {first['driver_peak_during']}")
         print(f"  objects written during the run ~{objects_written(output, first['shards']['committed']):,}; "
               f"left in OUTPUT {objects_left(output):,}")
         print(f"  resume of the finished output: {resume['wall_s']:.1f} s in run() ({resume['process_s']:.0f} s with "

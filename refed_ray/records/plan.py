@@ -201,6 +201,18 @@ def pending_shards(plan: pa.Table, committed: set[str]) -> list[pa.Table]:
     return [plan.take(np.arange(s, e)) for s, e in zip(starts, ends) if shards[s] not in committed]
 
 
+def pending_plan(storage: Storage, committed: set[str]) -> tuple[int, list[pa.Table]]:
+    """The plan's units and its shards not yet committed (``pending_shards``), without keeping the
+    plan: read whole it is about 8 KB a shard (136 MB at 10M samples), and a pass runs for hours."""
+    plan = read_plan(storage)
+    return plan.num_rows, pending_shards(plan, committed)
+
+
+def planned_shards(storage: Storage, files: list[str] | None = None) -> set[str]:
+    """The names of the plan's shards: its shard column alone, not the plan read whole."""
+    return set(pc.unique(read_plan(storage, files, columns=["shard"]).column("shard")).to_pylist())
+
+
 def plan_files(storage: Storage) -> list[str]:
     """The plan's parts, in order."""
     return [f for f in storage.list("plan") if _is_part(f)]

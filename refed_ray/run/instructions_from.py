@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from refed_ray.config import RunConfig
 from refed_ray.errors import UserError
@@ -24,7 +23,7 @@ from refed_ray.method.synthesis import EarlierUnit
 from refed_ray.records import commits
 from refed_ray.records.commits import CommitLog
 from refed_ray.records.models import Reject
-from refed_ray.records.plan import PlanSummary, plan_files, read_plan, summarize
+from refed_ray.records.plan import PlanSummary, plan_files, planned_shards, read_plan, summarize
 from refed_ray.storage import Storage
 
 FLAG = "--instructions-from"
@@ -53,7 +52,7 @@ def read_earlier_run(config: RunConfig, reference_digest: str, output_uri: str) 
     run_id = commits.run_id_of(storage.uri, earlier)
     _refuse_another_plan(storage.uri, earlier, config, reference_digest)
     committed = CommitLog(storage, run_id)
-    shards = pc.unique(read_plan(storage, columns=["shard"]).column("shard")).to_pylist()
+    shards = sorted(planned_shards(storage))
     missing = [shard for shard in shards if shard not in committed.commits["synthesis"]]
     if not shards or missing:
         raise UserError(

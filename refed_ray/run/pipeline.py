@@ -32,8 +32,8 @@ from refed_ray.records.commits import Commit, CommitLog, commit_on_driver
 from refed_ray.records.models import Reference, Reject, to_table
 from refed_ray.records.plan import (
     PlanSummary,
-    pending_shards,
-    read_plan,
+    pending_plan,
+    planned_shards,
     references_reached,
     top_up_units,
     units_needed,
@@ -130,7 +130,7 @@ def run(config: RunConfig, force_new: bool = False) -> dict[str, Any]:
         feedback = []  # all collected by the first pass
         if reserve is not None:
             plan = reserve.absorb(storage, committed, reference_ids, config.num_samples, config.seed) or plan
-            if pending_shards(read_plan(storage), set(committed.commits[SYNTHESIS.name])):
+            if not planned_shards(storage) <= set(committed.commits[SYNTHESIS.name]):
                 continue  # a reserve shard refused while a later one ran: run the hole, then size a top-up
         _apply_filters(storage, committed, config)
         more = _top_up_units(committed, config, plan.units) if checked.earlier is None else 0
@@ -270,9 +270,8 @@ def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engi
     """One pool of engines, each loaded once, over the feedback shards, then the plan's pending
     synthesis shards, then the reserve's shards not committed yet (``reserve.py``). The
     synthesis shards wait for the feedback's broadcast (``broadcast.py``). Returns synthesis's result."""
-    plan = read_plan(storage)
     done = set(committed.commits[SYNTHESIS.name])
-    synthesis = pending_shards(plan, done)
+    units_planned, synthesis = pending_plan(storage, done)
     if not feedback and not synthesis:
         return PassResult()
     log.info("synthesis: %d shards to do (%d committed)", len(synthesis), len(done))
@@ -283,7 +282,7 @@ def _engine_pass(storage: Storage, committed: CommitLog, config: RunConfig, engi
         listeners.append(reserve.on_commit)
     blocks = feedback + synthesis
     # A progress line every minute (samples, pace, ETA, yield) for `ray job logs -f`.
-    progress = ProgressLog(committed, units_planned=plan.num_rows, k=config.instructions_per_aspect,
+    progress = ProgressLog(committed, units_planned=units_planned, k=config.instructions_per_aspect,
                            target=config.num_samples, every_s=PROGRESS_EVERY_S)
     label = " and ".join(name for name, part in ((FEEDBACK.name, feedback), (SYNTHESIS.name, synthesis)) if part)
     results = run_engine_pass(label, blocks, RunWorker, {**engine_args, **extra}, committed, config=config,
@@ -317,7 +316,7 @@ def _reserve(storage: Storage, committed: CommitLog, config: RunConfig, referenc
     """Reserve shards for the synthesis pass, sized from the top-up budget (``reserve.py``). The
     yield so far is synthesis's own (the filters' drops are not known until they run again)."""
     done = committed.commits[SYNTHESIS.name]
-    planned = set(read_plan(storage, plan.files, columns=["shard"]).column("shard").unique().to_pylist())
+    planned = planned_shards(storage, plan.files)
     return Reserve.plan(
         reference_ids, config.seed, plan, config.workers.units_per_shard,
         units_done=sum(len(c.ids) for c in done.values()), accepted=sum(c.stats.samples for c in done.values()),
