@@ -76,7 +76,7 @@ def config_for(args, seeds: Path, output: Path, records: Path, units_per_shard: 
                               "records_dir": str(records)},
         },
         "workers": {"num_engines": args.nodes * args.gpus_per_node, "units_per_shard": units_per_shard,
-                    "shards_in_flight": args.shards_in_flight},
+                    **({"shards_in_flight": args.shards_in_flight} if args.shards_in_flight else {})},
     }
 
 
@@ -284,7 +284,8 @@ def main() -> int:
     parser.add_argument("--units-per-shard", default="32,64")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--gpus-per-node", type=int, default=2)
-    parser.add_argument("--shards-in-flight", type=int, default=2, help="workers.shards_in_flight")
+    parser.add_argument("--shards-in-flight", type=int,
+                        help="workers.shards_in_flight (default: the config's, 128 units an actor)")
     parser.add_argument("--time-scale", type=float, default=0.25, help="real seconds per simulated second")
     parser.add_argument("--load-s", type=float, default=120, help="simulated seconds of one engine load")
     parser.add_argument("--reject-rate", type=float, default=0.03, help="share of refinements rejected")
