@@ -223,8 +223,8 @@ class Attempt:
 
 @dataclass(frozen=True)
 class AttemptHistory:
-    """A shard's earlier attempts, read before it waits for a slot: a shard whose engine died
-    under it runs alone (``run/slots.py``), so ``deaths`` must be known before it starts."""
+    """A shard's earlier attempts, read before it waits for a slot: a shard's last attempt runs
+    alone (``run/slots.py``), so its ``deaths`` must be known before it takes one."""
 
     storage: Storage
     prefix: str  # _attempts/<pass>/<shard>.
