@@ -265,13 +265,23 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_result(text: str) -> None:
+    """Print a command's result last on stdout, where scripts read it. Ray forwards its raylet's
+    and workers' lines to this process's stdout until it shuts down (a raylet warning once came
+    after an export's JSON line), so Ray, if this command started it, shuts down first."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    print(text, flush=True)
+
+
 def _export(args: argparse.Namespace) -> int:
     from refed_ray.config import load_config
     from refed_ray.data.export import export
 
     storage_options = load_config(args.config, {}).storage_options if args.config else None
     target, count = export(args.output, args.format, args.to, storage_options, selection=args.selection)
-    print(json.dumps({"exported": count, "to": target, "format": args.format}))
+    _say_result(json.dumps({"exported": count, "to": target, "format": args.format}))
     return 0
 
 
@@ -281,8 +291,7 @@ def _select(args: argparse.Namespace) -> int:
 
     storage_options = load_config(args.config, {}).storage_options if args.config else None
     summary = select(args.output, args.method, args.size, args.threshold, args.seed, args.judge_config, storage_options)
-    print(describe(summary))
-    print(json.dumps(summary))
+    _say_result(describe(summary) + "\n" + json.dumps(summary))
     if summary["shortfall"]:  # exit 0 means N samples selected
         raise RunShort(summary["shortfall"])
     return 0
@@ -300,7 +309,7 @@ def _compare(args: argparse.Namespace) -> int:
     from refed_ray.experiments.compare import compare, summary
 
     result = compare(args.output_a, args.output_b, args.judge_config, args.output, args.force_new)
-    print(json.dumps(result, indent=2) if args.json else summary(result))
+    _say_result(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
 
 

@@ -3,6 +3,7 @@ exit 4 with why and what completes the run otherwise, and a log with no error in
 
 import json
 import re
+import sys
 
 import pytest
 import yaml
@@ -92,3 +93,19 @@ def test_an_execution_error_escaping_a_pass_is_exit_3_in_one_line(tmp_path, monk
     err = capsys.readouterr().err
     assert err.startswith("refed-ray: stopped: the synthesis pass stopped: Ray's execution failed") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_result_is_printed_after_ray_shuts_down(monkeypatch, capsys):
+    """Ray forwards raylet lines to stdout until it shuts down: a result printed before would not
+    be the last line a script reads (a raylet warning came after an export's JSON once)."""
+    import types
+
+    from refed_ray import cli
+
+    events = []
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True,
+                                     shutdown=lambda: events.append(("shutdown", capsys.readouterr().out)))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    cli._say_result('{"exported": 4}')
+    assert events == [("shutdown", "")]  # nothing printed before Ray went down
+    assert capsys.readouterr().out.splitlines()[-1] == '{"exported": 4}'
