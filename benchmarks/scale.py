@@ -86,7 +86,7 @@ class PeakWorkerRSS(threading.Thread):
             driver = rss.get(os.getpid(), 0)
             if driver > self.driver_peak:
                 self.driver_peak = driver
-                self.driver_peak_during = f"{time.time() - self.started:.0f} s in, after: {self.phase}"
+                self.driver_peak_during = f"{time.time() - self.started:.0f} s after Ray's start began, after: {self.phase}"
             time.sleep(1.0)
 
 
@@ -158,7 +158,8 @@ def one(config_json: str, cpus: int) -> None:
     wall = time.time() - started
     hwm = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
     print("RESULT " + json.dumps({
-        "wall_s": wall, "driver_peak_rss": hwm, "driver_peak_during": watcher.driver_peak_during, "worker_peak_rss": watcher.peak, "requests": counts["requests"],
+        "wall_s": wall, "driver_peak_rss": hwm, "driver_peak_during": watcher.driver_peak_during,
+        "worker_peak_rss": watcher.peak, "requests": counts["requests"],
         "load_mean": sum(watcher.loads) / max(len(watcher.loads), 1),
         "samples": report["samples"], "shards": report["shards"], "plan": report["plan"],
         "dataset_files": len(report["dataset"]["files"]), "synthesis_s": report["this_run"]["synthesis_seconds"],
