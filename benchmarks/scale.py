@@ -86,7 +86,8 @@ class PeakWorkerRSS(threading.Thread):
             driver = rss.get(os.getpid(), 0)
             if driver > self.driver_peak:
                 self.driver_peak = driver
-                self.driver_peak_during = f"{time.time() - self.started:.0f} s after Ray's start began, after: {self.phase}"
+                elapsed = time.time() - self.started  # from before Ray's start
+                self.driver_peak_during = f"{elapsed:.0f} s after Ray's start began, after: {self.phase}"
             time.sleep(1.0)
 
 
