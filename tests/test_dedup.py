@@ -238,10 +238,13 @@ def _dataset(storage: Storage):
 
 
 def test_with_every_cpu_held_by_the_engines_the_reserve_closes_on_the_yield_and_the_run_ends(tmp_path, caplog):
-    # 2 engines of 2 CPUs on the 4-CPU test cluster: dedup's tasks could not run inside the pass.
+    # One engine of 4 CPUs on the 4-CPU test cluster: dedup's tasks could not run inside the pass.
+    # (With 2 engines of 2 CPUs the premise was timing: Ray Data's pool holds an actor's CPUs only
+    # while it has one, and at times the filters found 2 free and ran inside the pass.)
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(3))
-    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}, "resources": {"num_cpus": 2}}
-    config = make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine)
+    engine = {**FAKE_ENGINE, "engine_kwargs": {"repeat_instructions": True}, "resources": {"num_cpus": 4}}
+    config = make_config(tmp_path, seeds, num_samples=24, instructions_per_aspect=4, engine=engine,
+                         workers={"num_engines": 1, "units_per_shard": 2})
     with caplog.at_level("INFO", logger="refed_ray.run.reserve"):
         report = run(config)
     assert "could not run inside the pass" in caplog.text
