@@ -133,8 +133,9 @@ class FeedbackConfig(_Section):
     )
 
 
-# The units one actor holds when workers.shards_in_flight is unset.
-UNITS_IN_FLIGHT = 128
+# The units one actor holds when workers.shards_in_flight is unset: enough that the plan's last
+# blocks, quarter shards (``records/plan.py``), still fill an engine (6 x 8 units at 32 a shard).
+UNITS_IN_FLIGHT = 192
 
 
 class WorkersConfig(_Section):
@@ -155,7 +156,7 @@ class WorkersConfig(_Section):
     shards_in_flight: int | None = Field(
         None, ge=1, le=64, validate_default=True,
         description="shards one actor works on at once (older shards' calls go first, so the newer ones only fill "
-        "what the older leave idle); unset = enough for 128 units (2 at 64 units a shard, 4 at 32)",
+        "what the older leave idle); unset = enough for 192 units (3 at 64 units a shard, 6 at 32)",
     )
     requests_in_flight: int | None = Field(
         None, ge=1, description="calls one engine holds at once; unset = the engine's own capacity (vLLM max_num_seqs)"
@@ -177,8 +178,8 @@ class WorkersConfig(_Section):
     @classmethod
     def _enough_units_in_flight(cls, value: int | None, info: ValidationInfo) -> int | None:
         # What keeps an engine full is the units its actor holds, not the shard count: on the
-        # simulated GPU cluster 2 x 32 units kept 0.88 of the engines' time, 3 x 32 0.95, 2 x 64 0.95
-        # (README, "GPU efficiency (simulated)"). A dead actor's redo stays that of the default.
+        # simulated GPU cluster 2 x 32 units kept 0.88 of the engines' time, 4 x 32 0.94 (its last
+        # quarter shards of 8 under-filled), 6 x 32 0.96 (README, "GPU efficiency (simulated)").
         units = info.data.get("units_per_shard")
         if value is not None or units is None:
             return value

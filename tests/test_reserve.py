@@ -1,5 +1,7 @@
 """Reserve shards (run/reserve.py): the shards a top-up would plan, sized by the yield so far."""
 
+import pytest
+
 from refed_ray.records.commits import Commit, CommitLog
 from refed_ray.records.plan import next_shards, pending_shards, read_plan, top_up_units, write_plan
 from refed_ray.records.stats import ShardStats
@@ -63,29 +65,31 @@ def test_absorb_extends_the_plan_through_the_last_reserve_shard_committed(tmp_pa
     assert _names(pending_shards(read_plan(storage), set(committed.commits["synthesis"])))[-1] == reserve.names[0]
 
 
-def test_reserve_shards_are_half_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
+def test_reserve_shards_are_quarter_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: 45 shards of 8, then 10 of 4
+    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: 45 shards of 8, then 20 of 2
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 45 + [2] * 20
     planned = set(_names(pending_shards(read_plan(storage), set())))
     reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
                            unplanned=set())
-    assert [b.num_rows for b in reserve.blocks] == [4] * 10  # 10% of the plan, in shards of 8 / 2
+    assert [b.num_rows for b in reserve.blocks] == [2] * 20  # 10% of the plan, in shards of 8 / 4
     committed = CommitLog(storage)
     for name in reserve.names[:3]:
-        committed.add(_commit(name, 4, 12))
+        committed.add(_commit(name, 2, 6))
     extended = reserve.absorb(storage, committed, REFS, 1200, 7)
-    assert extended.units == 412
+    assert extended.units == 406
     assert _names(pending_shards(read_plan(storage), planned)) == reserve.names[:3]
 
 
-def test_a_run_stopped_inside_a_reserve_of_whole_shards_resumes_with_that_cut(tmp_path):
-    # A reserve shard of the earlier cut (whole plan shards) committed, the run stopped before absorb.
+@pytest.mark.parametrize("earlier_size", [8, 4], ids=["whole shards", "half shards"])
+def test_a_run_stopped_inside_a_reserve_of_an_earlier_cut_resumes_with_that_cut(tmp_path, earlier_size):
+    # A reserve shard of an earlier version's cut committed, the run stopped before absorb.
     storage = Storage(str(tmp_path / "out"))
     plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)
-    earlier = _names(next_shards(REFS, 7, plan.units, 40, 8))
+    earlier = _names(next_shards(REFS, 7, plan.units, 40, earlier_size))
     reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
                            unplanned={earlier[1]})
-    assert reserve.names == earlier and reserve.shard_size == 8
+    assert reserve.names == earlier and reserve.shard_size == earlier_size
 
 
 class _Gate:

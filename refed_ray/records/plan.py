@@ -5,7 +5,7 @@ follow from (run seed, round, reference_id, aspect) alone. Units come in one end
 order: round after round, each round visiting the references in a seeded order with both
 aspects of a reference side by side (as the authors run them). The plan is the first
 ``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
-units, its last tenth in half shards (``TAIL_SHARE``: the pass's last blocks, so that the
+units, its last tenth in quarter shards (``TAIL_SHARE``: the pass's last blocks, so that the
 engines end together). A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
 planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
 re-forms work that may already be committed.
@@ -45,14 +45,15 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 ROWS_PER_PLAN_FILE = 100_000
-# A new plan's last tenth is cut in half shards: the pass's last blocks. When the blocks run out, an
-# engine still works through the ones it holds while the others wait for the pass to end; smaller
-# last blocks go to whichever engine frees up first, so the engines end closer together (issue 24:
-# whole shards there left three of four simulated GPUs idle for the last shard's duration). Not
-# smaller: two quarter shards in flight hold too few chains to fill an engine (measured: more
-# under-filled batches, no shorter tail). Shards of fewer than TAIL_MIN_UNITS units stay whole.
+# A new plan's last tenth is cut in quarter shards: the pass's last blocks. When the blocks run out,
+# an engine still works through the ones it holds while the others wait for the pass to end;
+# smaller last blocks go to whichever engine frees up first, so the engines end closer together
+# (issue 24: whole shards there left three of four simulated GPUs idle for the last shard's
+# duration; half shards still left them 40-50 s apart, quarter shards 10 s). Small shards need
+# more of them in flight to fill an engine: ``config.UNITS_IN_FLIGHT`` is sized for six quarter
+# shards at 32 units a shard. Shards of fewer than TAIL_MIN_UNITS units stay whole.
 TAIL_SHARE = 0.1
-TAIL_DIVISOR = 2
+TAIL_DIVISOR = 4
 TAIL_MIN_UNITS = 8
 PART = re.compile(r"part-\d{5}\.parquet")
 

@@ -48,6 +48,10 @@ RESERVE_SHARE = 0.1
 # would be a unit or two (a 270M teacher on CPU keeps about 0.6 of its samples).
 RESERVE_MIN_SHARDS = 8
 log = logging.getLogger(__name__)
+# How earlier versions cut the reserve: half shards, and whole plan shards before them. A run
+# stopped after one of its reserve shards committed, before the plan absorbed it, resumes with
+# the cut that named it.
+EARLIER_DIVISORS = (2, 1)
 
 
 @ray.remote(num_cpus=0)
@@ -119,13 +123,13 @@ class Reserve:
         units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * small))
         if units <= 0:
             return None
+        for size in (small, *(math.ceil(units_per_shard / d) for d in EARLIER_DIVISORS)):
+            blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
+            if unplanned <= _names(blocks):
+                return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
+        log.warning("%d committed synthesis shards are neither planned nor reserve shards (was max_extra_units "
+                    "lowered?): they stay outside the plan", len(unplanned))
         blocks = next_shards(reference_ids, run_seed, plan.units, units, small)
-        if not unplanned <= _names(blocks):  # whole plan shards: how runs before the half shards cut their reserve
-            whole = next_shards(reference_ids, run_seed, plan.units, units, units_per_shard)
-            if unplanned <= _names(whole):
-                return cls(whole, plan.units, units_done, accepted, k, num_samples, budget, units_per_shard)
-            log.warning("%d committed synthesis shards are neither planned nor reserve shards (was max_extra_units "
-                        "lowered?): they stay outside the plan", len(unplanned))
         return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, small)
 
     def worker_args(self, plan_blocks: list[pa.Table], done: set[str], kept_now: Callable[[], int | None]) -> dict:
