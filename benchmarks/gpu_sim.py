@@ -182,9 +182,13 @@ def analyse(records: list[dict], phases: list, gpus: int, scale: float, bins: in
         losses[name] += empty[mask].sum()
     capacity = gpus * rate * (end - start) / scale
     between_real = ((phase == 0).sum() * (end - start) / bins)
+    last_tokens = [_last_token(r) for r in records]
+    last_full = [_last_full(r, [c[0] for c in r["changes"]], [c[1] for c in r["changes"]]) for r in records]
     return {"capacity": capacity, "made": made, "span_s": (end - start) / scale, "losses": losses,
             "between_real_s": between_real, "tokens": sum(sum(r["tokens"].values()) for r in records),
-            "engines": len(records), "rate": rate}
+            "engines": len(records), "rate": rate,
+            "ends_apart_s": (max(last_tokens) - min(last_tokens)) / scale,
+            "drain_s": sum(t - f for t, f in zip(last_tokens, last_full)) / len(records) / scale}
 
 
 def _attribute(losses, lost, loading, b, tail, phase, dt) -> None:
@@ -270,6 +274,8 @@ def show(result: dict, args, units_per_shard: int) -> None:
         print(f"    {name:<32} {lost / result['capacity']:.3f}")
     accounted = efficiency + sum(result["losses"].values()) / result["capacity"]
     print(f"    {'(sum, with efficiency)':<32} {accounted:.3f}")
+    print(f"  the engines' last tokens {result['ends_apart_s']:.0f} simulated s apart; an engine's last full batch "
+          f"{result['drain_s']:.0f} s before its last token (mean)")
     between = result["losses"]["between passes"]
     real_between = result["between_real_s"] * gpus * result["rate"]
     print(f"  between passes: {result['between_real_s']:.1f} s real = {result['between_real_s'] / scale / 60:.1f} "

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from refed_ray.records import plan as plan_module
 from refed_ray.records.plan import (
     iter_units,
     make_unit,
@@ -125,6 +126,15 @@ def test_pending_shards_are_one_small_table_each(tmp_path):
     done = {shards[0].column("shard")[0].as_py(), shards[3].column("shard")[0].as_py()}
     assert len(pending_shards(plan, done)) == 5
     assert shards[0].nbytes < plan.nbytes  # a copy, not a slice carrying the whole plan
+
+
+def test_a_plan_ends_in_quarter_shards_and_a_large_plan_in_a_bounded_number_of_them(tmp_path, monkeypatch):
+    storage = Storage(str(tmp_path / "out"))
+    write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: a tenth is 40, 20 shards of 2
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 45 + [2] * 20
+    monkeypatch.setattr(plan_module, "TAIL_MAX_SHARDS", 5)  # what a 10M plan meets at 1,000
+    write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8, keep_existing=False)
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 48 + [6] + [2] * 5
 
 
 def test_references_reached_are_those_the_first_units_visit():

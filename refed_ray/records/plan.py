@@ -5,10 +5,10 @@ follow from (run seed, round, reference_id, aspect) alone. Units come in one end
 order: round after round, each round visiting the references in a seeded order with both
 aspects of a reference side by side (as the authors run them). The plan is the first
 ``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
-units, its last tenth in quarter shards (``TAIL_SHARE``: the pass's last blocks, so that the
-engines end together). A shard is the unit of commit and of retry (``commits.py``), and it is fixed once
-planned: a larger ``num_samples`` appends new shards after the old ones, so a resumed run never
-re-forms work that may already be committed.
+units, its last tenth in quarter shards (``TAIL_SHARE``, at most ``TAIL_MAX_SHARDS`` of them: the
+pass's last blocks, so that the engines end together). A shard is the unit of commit and of
+retry (``commits.py``), and it is fixed once planned: a larger ``num_samples`` appends new shards
+after the old ones, so a resumed run never re-forms work that may already be committed.
 
 The plan's files are ``plan/part-NNNNN.parquet``, each written whole; its reader takes those names
 only, never a staging file a killed write left beside them (the writer deletes those).
@@ -54,6 +54,10 @@ ROWS_PER_PLAN_FILE = 100_000
 # shards at 32 units a shard. Shards of fewer than TAIL_MIN_UNITS units stay whole.
 TAIL_SHARE = 0.1
 TAIL_DIVISOR = 4
+# A large plan's tail: what ends the engines together is each engine's last few blocks, 6 in flight
+# on up to ~150 engines; a tenth of a 10M plan in quarter shards would add 3,000 shards that each
+# cost the driver memory (README, "Scale").
+TAIL_MAX_SHARDS = 1000
 TAIL_MIN_UNITS = 8
 PART = re.compile(r"part-\d{5}\.parquet")
 
@@ -146,10 +150,11 @@ def _cuts(planned: int, wanted: int, units_per_shard: int) -> list[tuple[int, in
     """(first unit, end, shard size) of each stretch of units to plan: a new plan ends in small
     shards (``TAIL_SHARE``); an extension (a top-up, a larger N) is cut in whole shards, as
     ``next_shards`` cuts it."""
-    tail = math.ceil(TAIL_SHARE * wanted)
+    small = math.ceil(units_per_shard / TAIL_DIVISOR)
+    tail = min(math.ceil(TAIL_SHARE * wanted), TAIL_MAX_SHARDS * small)
     if planned or units_per_shard < TAIL_MIN_UNITS or tail < units_per_shard:
         return [(planned, wanted, units_per_shard)]
-    return [(0, wanted - tail, units_per_shard), (wanted - tail, wanted, math.ceil(units_per_shard / TAIL_DIVISOR))]
+    return [(0, wanted - tail, units_per_shard), (wanted - tail, wanted, small)]
 
 
 def next_shards(reference_ids: list[str], run_seed: int, planned: int, units: int, units_per_shard: int) -> list[pa.Table]:
