@@ -5,6 +5,7 @@ import pytest
 from refed_ray.records.commits import Commit, CommitLog
 from refed_ray.records.plan import next_shards, pending_shards, read_plan, top_up_units, write_plan
 from refed_ray.records.stats import ShardStats
+from refed_ray.run import reserve as reserve_module
 from refed_ray.run.reserve import Reserve
 from refed_ray.storage import Storage
 
@@ -81,9 +82,25 @@ def test_reserve_shards_are_quarter_shards_and_the_plan_absorbs_them_as_cut(tmp_
     assert _names(pending_shards(read_plan(storage), planned)) == reserve.names[:3]
 
 
-@pytest.mark.parametrize("earlier_size", [8, 4], ids=["whole shards", "half shards"])
-def test_a_run_stopped_inside_a_reserve_of_an_earlier_cut_resumes_with_that_cut(tmp_path, earlier_size):
-    # A reserve shard of an earlier version's cut committed, the run stopped before absorb.
+def test_a_large_plans_reserve_is_cut_in_larger_shards_not_more_of_them(tmp_path, monkeypatch):
+    # A tenth of a 10M plan would be 6,250 quarter shards, each a block the driver holds all pass.
+    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 4)
+    storage = Storage(str(tmp_path / "out"))
+    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: a reserve of 40
+    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+                           unplanned=set())
+    assert [b.num_rows for b in reserve.blocks] == [8] * 5  # 40 units in at most 4 shards: whole shards
+    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 10)
+    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+                           unplanned=set())
+    assert [b.num_rows for b in reserve.blocks] == [4] * 10  # half shards are enough
+
+
+@pytest.mark.parametrize("earlier_size", [8, 4, 2], ids=["whole shards", "half shards", "quarter shards"])
+def test_a_run_stopped_inside_a_reserve_of_an_earlier_cut_resumes_with_that_cut(tmp_path, monkeypatch, earlier_size):
+    # A reserve shard of an earlier version's cut committed, the run stopped before absorb; today's
+    # cut is whole shards here (a reserve of 40 units in at most 4), so quarter shards are earlier too.
+    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 4)
     storage = Storage(str(tmp_path / "out"))
     plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)
     earlier = _names(next_shards(REFS, 7, plan.units, 40, earlier_size))

@@ -37,7 +37,14 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from refed_ray.records.commits import Commit, CommitLog
-from refed_ray.records.plan import TAIL_DIVISOR, PlanSummary, next_shards, top_up_units, write_plan
+from refed_ray.records.plan import (
+    TAIL_DIVISOR,
+    TAIL_MAX_SHARDS,
+    PlanSummary,
+    next_shards,
+    top_up_units,
+    write_plan,
+)
 from refed_ray.records.stages import PassName
 from refed_ray.storage import Storage
 
@@ -119,11 +126,14 @@ class Reserve:
         """``unplanned``: committed synthesis shards the plan does not name (a run stopped after
         a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it."""
         # Cut like the plan's tail (``plan.TAIL_DIVISOR``): reserve shards are the pass's last blocks.
-        small = math.ceil(units_per_shard / TAIL_DIVISOR)
-        units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * small))
+        # At most TAIL_MAX_SHARDS of them: a large plan's reserve is cut in larger shards, up to
+        # whole ones (each block costs the driver memory for the whole pass, wanted or not).
+        quarter = math.ceil(units_per_shard / TAIL_DIVISOR)
+        units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * quarter))
         if units <= 0:
             return None
-        for size in (small, *(math.ceil(units_per_shard / d) for d in EARLIER_DIVISORS)):
+        small = min(units_per_shard, max(quarter, math.ceil(units / TAIL_MAX_SHARDS)))
+        for size in dict.fromkeys([small, quarter, *(math.ceil(units_per_shard / d) for d in EARLIER_DIVISORS)]):
             blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
             if unplanned <= _names(blocks):
                 return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
