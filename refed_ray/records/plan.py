@@ -146,11 +146,16 @@ def write_plan(
     return summarize(storage, files)
 
 
+def tail_shard_units(units_per_shard: int) -> int:
+    """The size of a shard in a new plan's tail (and of a reserve shard: ``run/reserve.py``)."""
+    return math.ceil(units_per_shard / TAIL_DIVISOR)
+
+
 def _cuts(planned: int, wanted: int, units_per_shard: int) -> list[tuple[int, int, int]]:
     """(first unit, end, shard size) of each stretch of units to plan: a new plan ends in small
     shards (``TAIL_SHARE``); an extension (a top-up, a larger N) is cut in whole shards, as
     ``next_shards`` cuts it."""
-    small = math.ceil(units_per_shard / TAIL_DIVISOR)
+    small = tail_shard_units(units_per_shard)
     tail = min(math.ceil(TAIL_SHARE * wanted), TAIL_MAX_SHARDS * small)
     if planned or units_per_shard < TAIL_MIN_UNITS or tail < units_per_shard:
         return [(planned, wanted, units_per_shard)]

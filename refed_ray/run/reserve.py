@@ -38,10 +38,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from refed_ray.records.commits import Commit, CommitLog
 from refed_ray.records.plan import (
-    TAIL_DIVISOR,
     TAIL_MAX_SHARDS,
     PlanSummary,
     next_shards,
+    tail_shard_units,
     top_up_units,
     write_plan,
 )
@@ -125,10 +125,10 @@ class Reserve:
              accepted: int, k: int, num_samples: int, budget: int, unplanned: set[str]) -> Reserve | None:
         """``unplanned``: committed synthesis shards the plan does not name (a run stopped after
         a reserve shard committed, before ``absorb``): the reserve is cut as that run cut it."""
-        # Cut like the plan's tail (``plan.TAIL_DIVISOR``): reserve shards are the pass's last blocks.
-        # At most TAIL_MAX_SHARDS of them: a large plan's reserve is cut in larger shards, up to
-        # whole ones (each block costs the driver memory for the whole pass, wanted or not).
-        quarter = math.ceil(units_per_shard / TAIL_DIVISOR)
+        # Cut like the plan's tail (``plan.tail_shard_units``): reserve shards are the pass's last
+        # blocks. At most TAIL_MAX_SHARDS of them: a large plan's reserve is cut in larger shards,
+        # up to whole ones (each block costs the driver memory for the whole pass, wanted or not).
+        quarter = tail_shard_units(units_per_shard)
         units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * quarter))
         if units <= 0:
             return None
