@@ -145,8 +145,10 @@ def test_one_pool_of_engines_collects_the_feedback_then_synthesizes_each_loaded_
     seeds = write_jsonl(tmp_path / "seeds.jsonl", pairs(6))
     calls, loads = tmp_path / "calls.log", tmp_path / "loads.log"
     engine = {**FAKE_ENGINE, "engine_kwargs": {"calls_log": str(calls), "loads_log": str(loads)}}
+    # 2 shards in flight an actor: with every shard in flight on one actor (64 unset), the first
+    # engine ready could take all of them and the second serve nothing (seen once in CI).
     report = run(make_config(tmp_path, seeds, num_samples=36, engine=engine,
-                             workers={"num_engines": 2, "units_per_shard": 2}))
+                             workers={"num_engines": 2, "units_per_shard": 2, "shards_in_flight": 2}))
     served: dict[str, set[str]] = {}
     order = []
     for line in calls.read_text().splitlines():
