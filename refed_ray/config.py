@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from refed_ray.engines.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from refed_ray.errors import UserError
 from refed_ray.records.commits import RUN_FILE, read_run
+from refed_ray.records.plan import tail_shard_units
 from refed_ray.secrets import is_secret_name, mask_text, mask_value
 from refed_ray.storage import Storage
 
@@ -133,9 +134,13 @@ class FeedbackConfig(_Section):
     )
 
 
-# The units one actor holds when workers.shards_in_flight is unset: enough that the plan's last
-# blocks, quarter shards (``records/plan.py``), still fill an engine (6 x 8 units at 32 a shard).
+# The units one actor holds when workers.shards_in_flight is unset: at least UNITS_IN_FLIGHT of
+# whole shards, and at least TAIL_UNITS_IN_FLIGHT of the plan's last, small ones
+# (``records/plan.py``: 6 x 8 units): fewer under-filled the engines while the pass's last tenth ran
+# (issue 24). The older shards' calls go first, so the shards beyond what fills the engine have
+# only their opening calls done: a death redoes little more with more of them.
 UNITS_IN_FLIGHT = 192
+TAIL_UNITS_IN_FLIGHT = 48
 
 
 class WorkersConfig(_Section):
@@ -156,7 +161,8 @@ class WorkersConfig(_Section):
     shards_in_flight: int | None = Field(
         None, ge=1, le=64, validate_default=True,
         description="shards one actor works on at once (older shards' calls go first, so the newer ones only fill "
-        "what the older leave idle); unset = enough for 192 units (3 at 64 units a shard, 6 at 32)",
+        "what the older leave idle); unset = enough for 192 units and for 48 of the plan's last 8-unit shards "
+        "(6 at 64 or 32 units a shard, 12 at 16)",
     )
     requests_in_flight: int | None = Field(
         None, ge=1, description="calls one engine holds at once; unset = the engine's own capacity (vLLM max_num_seqs)"
@@ -179,11 +185,14 @@ class WorkersConfig(_Section):
     def _enough_units_in_flight(cls, value: int | None, info: ValidationInfo) -> int | None:
         # What keeps an engine full is the units its actor holds, not the shard count: on the
         # simulated GPU cluster 2 x 32 units kept 0.88 of the engines' time, 4 x 32 0.94 (its last
-        # quarter shards of 8 under-filled), 6 x 32 0.96 (README, "GPU efficiency (simulated)").
+        # 8-unit shards under-filled), 6 x 32 0.96; at 64 units, 3 in flight 0.95 (its last shards
+        # 16 units), 6 0.96 with 8-unit ones (README, "GPU efficiency (simulated)").
         units = info.data.get("units_per_shard")
         if value is not None or units is None:
             return value
-        return min(64, max(2, -(-UNITS_IN_FLIGHT // units)))
+        whole = -(-UNITS_IN_FLIGHT // units)
+        last = -(-TAIL_UNITS_IN_FLIGHT // tail_shard_units(units))
+        return min(64, max(whole, last))
 
     def feedback_shard_size(self) -> int:
         return self.references_per_feedback_shard or self.units_per_shard

@@ -98,12 +98,13 @@ def test_an_engine_its_actor_cannot_fill_is_warned_about(caplog):
     assert "workers.units_per_shard" in caplog.text
 
 
-def test_shards_in_flight_unset_holds_192_units_an_actor():
+def test_shards_in_flight_unset_holds_192_units_and_48_of_the_last_small_shards():
     def in_flight(**workers):
         return RunConfig.model_validate({"workers": workers}).workers.shards_in_flight
 
-    assert in_flight() == 3  # 64 units a shard: 3 x 64, or 12 of the plan's last quarter shards of 16
+    assert in_flight() == 6  # 64 units a shard: 6 of the plan's last shards of 8 fill an engine (3 x 64 would)
     assert in_flight(units_per_shard=32) == 6  # simulated GPU cluster: 0.88 of the engines' time at 2, 0.96 at 6
-    assert in_flight(units_per_shard=100) == 2  # never fewer than one shard finishing while the next fills
+    assert in_flight(units_per_shard=16) == 12  # 192 units of whole shards
+    assert in_flight(units_per_shard=100) == 6
     assert in_flight(units_per_shard=1) == 64  # the setting's bound
     assert in_flight(units_per_shard=32, shards_in_flight=1) == 1  # a setting is kept as it is

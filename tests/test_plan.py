@@ -128,13 +128,17 @@ def test_pending_shards_are_one_small_table_each(tmp_path):
     assert shards[0].nbytes < plan.nbytes  # a copy, not a slice carrying the whole plan
 
 
-def test_a_plan_ends_in_quarter_shards_and_a_large_plan_in_a_bounded_number_of_them(tmp_path, monkeypatch):
+def test_a_plan_ends_in_small_shards_and_a_large_plan_in_a_bounded_number_of_them(tmp_path, monkeypatch):
     storage = Storage(str(tmp_path / "out"))
-    write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: a tenth is 40, 20 shards of 2
-    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 45 + [2] * 20
+    write_plan(storage, REFS, 2400, 3, 7, units_per_shard=16)  # 800 units: a tenth is 80, 10 shards of 8
+    assert plan_module.TAIL_SHARD_UNITS == 8
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [16] * 45 + [8] * 10
     monkeypatch.setattr(plan_module, "TAIL_MAX_SHARDS", 5)  # what a 10M plan meets at 1,000
-    write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8, keep_existing=False)
-    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 48 + [6] + [2] * 5
+    write_plan(storage, REFS, 2400, 3, 7, units_per_shard=16, keep_existing=False)
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [16] * 47 + [8] + [8] * 5
+    # Shards of the tail's size or smaller: no tail (the demo's 4 units a shard).
+    write_plan(storage, REFS, 2400, 3, 7, units_per_shard=8, keep_existing=False)
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 100
 
 
 def test_references_reached_are_those_the_first_units_visit():

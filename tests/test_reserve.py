@@ -66,45 +66,46 @@ def test_absorb_extends_the_plan_through_the_last_reserve_shard_committed(tmp_pa
     assert _names(pending_shards(read_plan(storage), set(committed.commits["synthesis"])))[-1] == reserve.names[0]
 
 
-def test_reserve_shards_are_quarter_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
+def test_reserve_shards_are_the_tails_small_shards_and_the_plan_absorbs_them_as_cut(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: 45 shards of 8, then 20 of 2
-    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [8] * 45 + [2] * 20
+    plan = write_plan(storage, REFS, 2400, 3, 7, units_per_shard=16)  # 800 units: 45 shards of 16, then 10 of 8
+    assert [t.num_rows for t in pending_shards(read_plan(storage), set())] == [16] * 45 + [8] * 10
     planned = set(_names(pending_shards(read_plan(storage), set())))
-    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+    reserve = Reserve.plan(REFS, 7, plan, 16, units_done=0, accepted=0, k=3, num_samples=2400, budget=200,
                            unplanned=set())
-    assert [b.num_rows for b in reserve.blocks] == [2] * 20  # 10% of the plan, in shards of 8 / 4
+    assert [b.num_rows for b in reserve.blocks] == [8] * 10  # 10% of the plan, in the tail's shards
     committed = CommitLog(storage)
     for name in reserve.names[:3]:
-        committed.add(_commit(name, 2, 6))
-    extended = reserve.absorb(storage, committed, REFS, 1200, 7)
-    assert extended.units == 406
+        committed.add(_commit(name, 8, 24))
+    extended = reserve.absorb(storage, committed, REFS, 2400, 7)
+    assert extended.units == 824
     assert _names(pending_shards(read_plan(storage), planned)) == reserve.names[:3]
 
 
 def test_a_large_plans_reserve_is_cut_in_larger_shards_not_more_of_them(tmp_path, monkeypatch):
-    # A tenth of a 10M plan would be 6,250 quarter shards, each a block the driver holds all pass.
+    # A tenth of a 10M plan would be 12,500 shards of 8 units, each a block the driver holds all pass.
     monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 4)
     storage = Storage(str(tmp_path / "out"))
-    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)  # 400 units: a reserve of 40
-    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+    plan = write_plan(storage, REFS, 2400, 3, 7, units_per_shard=16)  # 800 units: a reserve of 80
+    reserve = Reserve.plan(REFS, 7, plan, 16, units_done=0, accepted=0, k=3, num_samples=2400, budget=200,
                            unplanned=set())
-    assert [b.num_rows for b in reserve.blocks] == [8] * 5  # 40 units in at most 4 shards: whole shards
-    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 10)
-    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+    assert [b.num_rows for b in reserve.blocks] == [16] * 5  # 80 units in at most 4 shards: whole shards
+    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 7)
+    reserve = Reserve.plan(REFS, 7, plan, 16, units_done=0, accepted=0, k=3, num_samples=2400, budget=200,
                            unplanned=set())
-    assert [b.num_rows for b in reserve.blocks] == [4] * 10  # half shards are enough
+    assert [b.num_rows for b in reserve.blocks] == [12] * 6 + [8]  # 80 units in 7: shards of 12
 
 
-@pytest.mark.parametrize("earlier_size", [8, 4, 2], ids=["whole shards", "half shards", "quarter shards"])
-def test_a_run_stopped_inside_a_reserve_of_an_earlier_cut_resumes_with_that_cut(tmp_path, monkeypatch, earlier_size):
-    # A reserve shard of an earlier version's cut committed, the run stopped before absorb; today's
-    # cut is whole shards here (a reserve of 40 units in at most 4), so quarter shards are earlier too.
-    monkeypatch.setattr(reserve_module, "TAIL_MAX_SHARDS", 4)
+@pytest.mark.parametrize("earlier_size", [64, 32, 16], ids=["whole shards", "half shards", "quarter shards"])
+def test_a_run_stopped_inside_a_reserve_of_an_earlier_cut_resumes_with_that_cut(tmp_path, earlier_size):
+    # A reserve shard of an earlier version's cut committed (at the default 64 units a shard), the
+    # run stopped before absorb; today's cut is 8-unit shards.
     storage = Storage(str(tmp_path / "out"))
-    plan = write_plan(storage, REFS, 1200, 3, 7, units_per_shard=8)
-    earlier = _names(next_shards(REFS, 7, plan.units, 40, earlier_size))
-    reserve = Reserve.plan(REFS, 7, plan, 8, units_done=0, accepted=0, k=3, num_samples=1200, budget=100,
+    plan = write_plan(storage, REFS, 7680, 3, 7, units_per_shard=64)  # 2,560 units: a reserve of 256
+    assert Reserve.plan(REFS, 7, plan, 64, units_done=0, accepted=0, k=3, num_samples=7680, budget=300,
+                        unplanned=set()).shard_size == 8
+    earlier = _names(next_shards(REFS, 7, plan.units, 256, earlier_size))
+    reserve = Reserve.plan(REFS, 7, plan, 64, units_done=0, accepted=0, k=3, num_samples=7680, budget=300,
                            unplanned={earlier[1]})
     assert reserve.names == earlier and reserve.shard_size == earlier_size
 

@@ -5,8 +5,8 @@ follow from (run seed, round, reference_id, aspect) alone. Units come in one end
 order: round after round, each round visiting the references in a seeded order with both
 aspects of a reference side by side (as the authors run them). The plan is the first
 ``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
-units, its last tenth in quarter shards (``TAIL_SHARE``, at most ``TAIL_MAX_SHARDS`` of them: the
-pass's last blocks, so that the engines end together). A shard is the unit of commit and of
+units, its last tenth in shards of 8 units (``TAIL_SHARE``, ``TAIL_SHARD_UNITS``, at most
+``TAIL_MAX_SHARDS`` of them: the pass's last blocks, so that the engines end together). A shard is the unit of commit and of
 retry (``commits.py``), and it is fixed once planned: a larger ``num_samples`` appends new shards
 after the old ones, so a resumed run never re-forms work that may already be committed.
 
@@ -45,20 +45,21 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 ROWS_PER_PLAN_FILE = 100_000
-# A new plan's last tenth is cut in quarter shards: the pass's last blocks. When the blocks run out,
+# A new plan's last tenth is cut in small shards: the pass's last blocks. When the blocks run out,
 # an engine still works through the ones it holds while the others wait for the pass to end;
-# smaller last blocks go to whichever engine frees up first, so the engines end closer together
-# (issue 24: whole shards there left three of four simulated GPUs idle for the last shard's
-# duration; half shards still left them 40-50 s apart, quarter shards 10 s). Small shards need
-# more of them in flight to fill an engine: ``config.UNITS_IN_FLIGHT`` is sized for six quarter
-# shards at 32 units a shard. Shards of fewer than TAIL_MIN_UNITS units stay whole.
+# smaller last blocks go to whichever engine frees up first, so the engines end closer together.
+# Issue 24, on a simulated GPU cluster: whole shards there left three of four GPUs idle for the last
+# shard's duration; halves of 32 units left them 40-50 s apart, 16-unit quarters of 64 about 25 s,
+# 8-unit shards 9-20 s (8 units x K=10 are ~14 s of a full H100 batch). It is a size in units, not a
+# share of a shard, because what ends the engines together is how long a last block takes. Small
+# shards need more of them in flight to fill an engine: ``config.TAIL_UNITS_IN_FLIGHT``. A plan of
+# shards of TAIL_SHARD_UNITS units or fewer has no tail of its own.
 TAIL_SHARE = 0.1
-TAIL_DIVISOR = 4
+TAIL_SHARD_UNITS = 8
 # A large plan's tail: what ends the engines together is each engine's last few blocks, 6 in flight
-# on up to ~150 engines; a tenth of a 10M plan in quarter shards would add 3,000 shards that each
+# on up to ~150 engines; a tenth of a 10M plan in 8-unit shards would be 12,500 shards that each
 # cost the driver memory (README, "Scale").
 TAIL_MAX_SHARDS = 1000
-TAIL_MIN_UNITS = 8
 PART = re.compile(r"part-\d{5}\.parquet")
 
 
@@ -148,7 +149,7 @@ def write_plan(
 
 def tail_shard_units(units_per_shard: int) -> int:
     """The size of a shard in a new plan's tail (and of a reserve shard: ``run/reserve.py``)."""
-    return math.ceil(units_per_shard / TAIL_DIVISOR)
+    return min(units_per_shard, TAIL_SHARD_UNITS)
 
 
 def _cuts(planned: int, wanted: int, units_per_shard: int) -> list[tuple[int, int, int]]:
@@ -157,7 +158,7 @@ def _cuts(planned: int, wanted: int, units_per_shard: int) -> list[tuple[int, in
     ``next_shards`` cuts it."""
     small = tail_shard_units(units_per_shard)
     tail = min(math.ceil(TAIL_SHARE * wanted), TAIL_MAX_SHARDS * small)
-    if planned or units_per_shard < TAIL_MIN_UNITS or tail < units_per_shard:
+    if planned or small >= units_per_shard or tail < units_per_shard:
         return [(planned, wanted, units_per_shard)]
     return [(0, wanted - tail, units_per_shard), (wanted - tail, wanted, small)]
 

@@ -55,10 +55,10 @@ RESERVE_SHARE = 0.1
 # would be a unit or two (a 270M teacher on CPU keeps about 0.6 of its samples).
 RESERVE_MIN_SHARDS = 8
 log = logging.getLogger(__name__)
-# How earlier versions cut the reserve: half shards, and whole plan shards before them. A run
-# stopped after one of its reserve shards committed, before the plan absorbed it, resumes with
-# the cut that named it.
-EARLIER_DIVISORS = (2, 1)
+# How earlier versions cut the reserve: quarter shards, half shards, and whole plan shards before
+# them. A run stopped after one of its reserve shards committed, before the plan absorbed it,
+# resumes with the cut that named it.
+EARLIER_DIVISORS = (4, 2, 1)
 
 
 @ray.remote(num_cpus=0)
@@ -128,12 +128,12 @@ class Reserve:
         # Cut like the plan's tail (``plan.tail_shard_units``): reserve shards are the pass's last
         # blocks. At most TAIL_MAX_SHARDS of them: a large plan's reserve is cut in larger shards,
         # up to whole ones (each block costs the driver memory for the whole pass, wanted or not).
-        quarter = tail_shard_units(units_per_shard)
-        units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * quarter))
+        tail = tail_shard_units(units_per_shard)
+        units = min(budget, max(math.ceil(RESERVE_SHARE * plan.units), RESERVE_MIN_SHARDS * tail))
         if units <= 0:
             return None
-        small = min(units_per_shard, max(quarter, math.ceil(units / TAIL_MAX_SHARDS)))
-        for size in dict.fromkeys([small, quarter, *(math.ceil(units_per_shard / d) for d in EARLIER_DIVISORS)]):
+        small = min(units_per_shard, max(tail, math.ceil(units / TAIL_MAX_SHARDS)))
+        for size in dict.fromkeys([small, tail, *(math.ceil(units_per_shard / d) for d in EARLIER_DIVISORS)]):
             blocks = next_shards(reference_ids, run_seed, plan.units, units, size)
             if unplanned <= _names(blocks):
                 return cls(blocks, plan.units, units_done, accepted, k, num_samples, budget, size)
