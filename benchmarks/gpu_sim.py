@@ -291,7 +291,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--gpus-per-node", type=int, default=2)
     parser.add_argument("--shards-in-flight", type=int,
-                        help="workers.shards_in_flight (default: the config's, 128 units an actor)")
+                        help="workers.shards_in_flight (default: the config's: 6 at 64 or 32 units a shard)")
     parser.add_argument("--time-scale", type=float, default=0.25, help="real seconds per simulated second")
     parser.add_argument("--load-s", type=float, default=120, help="simulated seconds of one engine load")
     parser.add_argument("--reject-rate", type=float, default=0.03, help="share of refinements rejected")

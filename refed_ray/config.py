@@ -141,6 +141,12 @@ class FeedbackConfig(_Section):
 # only their opening calls done: a death redoes little more with more of them.
 UNITS_IN_FLIGHT = 192
 TAIL_UNITS_IN_FLIGHT = 48
+# References a feedback shard holds at most when workers.references_per_feedback_shard is unset:
+# Ray Data hands an actor its shards in flight as soon as it is ready, so 16 feedback shards of 64
+# (1,000 references) went 6, 6, 2, 2 and two simulated GPUs waited a third of the feedback for the
+# broadcast (issue 24). Shards of 32 spread as they free up and still fill an engine: 6 in flight
+# hold 384 calls. A resumed run cuts only the references without feedback, whatever the size.
+FEEDBACK_SHARD_REFERENCES = 32
 
 
 class WorkersConfig(_Section):
@@ -156,7 +162,7 @@ class WorkersConfig(_Section):
     )
     references_per_feedback_shard: int | None = Field(
         None, ge=1, description="references per feedback shard (the feedback pass's unit of commit); "
-        "unset = workers.units_per_shard, as before this setting (same shard names on resume)"
+        "unset = workers.units_per_shard, at most 32"
     )
     shards_in_flight: int | None = Field(
         None, ge=1, le=64, validate_default=True,
@@ -195,7 +201,7 @@ class WorkersConfig(_Section):
         return min(64, max(whole, last))
 
     def feedback_shard_size(self) -> int:
-        return self.references_per_feedback_shard or self.units_per_shard
+        return self.references_per_feedback_shard or min(self.units_per_shard, FEEDBACK_SHARD_REFERENCES)
 
 
 class RunConfig(_Section):

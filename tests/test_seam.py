@@ -65,6 +65,7 @@ def test_stage_and_pass_names_are_the_ones_outputs_hold():
 
 def test_feedback_shards_have_their_own_size_knob():
     assert RunConfig.model_validate({"workers": {"units_per_shard": 8}}).workers.feedback_shard_size() == 8
+    assert RunConfig.model_validate({}).workers.feedback_shard_size() == 32  # at most 32: they spread over engines
     both = RunConfig.model_validate({"workers": {"units_per_shard": 8, "references_per_feedback_shard": 100}})
     assert both.workers.feedback_shard_size() == 100
 
