@@ -60,6 +60,8 @@ from benchmarks.sim_engine import FULL_BATCH, full_batch_rate, step_s
 PHASES = ("_engine_pass", "_apply_filters", "_top_up_units", "write_plan", "compact_dataset", "data_quality",
           "build_report")
 FEEDBACK_READ = "read_feedback"
+# A sample's tokens: its response and refinement, and its share of the K instructions (TOKENS in sim_engine.py).
+SAMPLE_TOKENS = 400 + 700 + 40
 
 
 def config_for(args, seeds: Path, output: Path, records: Path, units_per_shard: int) -> dict:
@@ -187,8 +189,26 @@ def analyse(records: list[dict], phases: list, gpus: int, scale: float, bins: in
     return {"capacity": capacity, "made": made, "span_s": (end - start) / scale, "losses": losses,
             "between_real_s": between_real, "tokens": sum(sum(r["tokens"].values()) for r in records),
             "engines": len(records), "rate": rate,
-            "ends_apart_s": (max(last_tokens) - min(last_tokens)) / scale,
+            "ends_apart_s": (max(last_tokens) - min(last_tokens)) / scale, "held": _held_uncommitted(records),
             "drain_s": sum(t - f for t, f in zip(last_tokens, last_full)) / len(records) / scale}
+
+
+def _held_uncommitted(records: list[dict]) -> float:
+    """Tokens an engine's actor holds in shards not committed yet, averaged over its time from ready
+    to last token: what a death at a random moment would redo (Ray retries every shard in flight
+    on the dead actor). A shard's work counts from each call's end to the shard's last call's end
+    (its commit follows at once)."""
+    held = []
+    for r in records:
+        answered = r.get("answered", [])
+        if not answered:
+            continue
+        ends: dict[int, float] = {}
+        for done, order, _ in answered:
+            ends[order] = max(ends.get(order, done), done)
+        token_seconds = sum(tokens * (ends[order] - done) for done, order, tokens in answered)
+        held.append(token_seconds / max(_last_token(r) - r["ready"], 1e-9))
+    return sum(held) / len(held) if held else 0.0
 
 
 def _attribute(losses, lost, loading, b, tail, phase, dt) -> None:
@@ -276,6 +296,11 @@ def show(result: dict, args, units_per_shard: int) -> None:
     print(f"    {'(sum, with efficiency)':<32} {accounted:.3f}")
     print(f"  the engines' last tokens {result['ends_apart_s']:.0f} simulated s apart; an engine's last full batch "
           f"{result['drain_s']:.0f} s before its last token (mean)")
+    held = result.get("held")
+    if held:  # records of an engine from before it noted its calls have none
+        print(f"  a death at a random moment redoes {held / 1e3:.0f}K tokens on average (the calls answered for "
+              f"its actor's uncommitted shards): {held / result['rate']:.0f} simulated s of a full batch, "
+              f"{held / SAMPLE_TOKENS:.0f} samples' worth")
     between = result["losses"]["between passes"]
     real_between = result["between_real_s"] * gpus * result["rate"]
     print(f"  between passes: {result['between_real_s']:.1f} s real = {result['between_real_s'] / scale / 60:.1f} "

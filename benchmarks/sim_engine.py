@@ -19,7 +19,8 @@ The model of the GPU (``engine_kwargs``, all optional):
   invalid JSON: a yield below 1, so the run needs a top-up round as real runs do.
 - ``time_scale`` (0.01): real seconds per simulated second. Every duration above is multiplied by it.
 - ``records_dir``: where the engine writes its record (``<pid>-<n>.json``): load and ready times,
-  every change of the batch size with its time, tokens and calls by schema.
+  every change of the batch size with its time, tokens and calls by schema, and each call's end
+  with its shard (the worker's ``shard_order``) and tokens.
 
 The engine is self-clocked: it reads the real clock when it wakes and credits each running
 sequence the tokens ``elapsed / step_s(b)`` steps make, so an oversleeping event loop on a busy
@@ -42,6 +43,7 @@ from itertools import count
 
 from refed_ray.engines.base import ChatRequest, Completion, Engine
 from refed_ray.engines.config import EngineConfig
+from refed_ray.engines.guard import shard_order
 from tests.fake_engine import instance
 
 FULL_BATCH = 256
@@ -90,7 +92,7 @@ class SimGPUEngine(Engine):
         self.records_dir = options.get("records_dir")
         self.record = {"pid": os.getpid(), "node": os.environ.get("RAY_NODE_ID", ""), "scale": self.scale,
                        "max_num_seqs": self.max_num_seqs, "load_start": time.time(), "calls": {}, "tokens": {},
-                       "changes": []}
+                       "changes": [], "answered": []}
         self._name = f"{os.getpid()}-{next(_ENGINES)}.json"
         time.sleep(self._load_left(float(options.get("load_s", 120)) * self.scale))
         self.record["ready"] = time.time()
@@ -129,6 +131,8 @@ class SimGPUEngine(Engine):
         if len(self._running) < self.max_num_seqs:
             self._wake.set()  # a free slot: join the batch now, not at the next finish
         await future
+        # For what a death would redo (gpu_sim.py): when each call ended, for which of the actor's shards.
+        self.record["answered"].append((round(time.time(), 3), shard_order.get(), tokens))
         self.record["calls"][title] = self.record["calls"].get(title, 0) + 1
         self.record["tokens"][title] = self.record["tokens"].get(title, 0) + tokens
         if title == "Refinement" and _bucket(prompt) < self.reject_rate:
