@@ -6,9 +6,10 @@ order: round after round, each round visiting the references in a seeded order w
 aspects of a reference side by side (as the authors run them). The plan is the first
 ``ceil(N / K)`` units of that order, cut into shards of ``workers.units_per_shard`` consecutive
 units, its last tenth in shards of 8 units (``TAIL_SHARE``, ``TAIL_SHARD_UNITS``, at most
-``TAIL_MAX_SHARDS`` of them: the pass's last blocks, so that the engines end together). A shard is the unit of commit and of
-retry (``commits.py``), and it is fixed once planned: a larger ``num_samples`` appends new shards
-after the old ones, so a resumed run never re-forms work that may already be committed.
+``TAIL_MAX_SHARDS`` of them: the pass's last blocks, so that the engines end together). A shard is
+the unit of commit and of retry (``commits.py``), and it is fixed once planned: a larger
+``num_samples`` appends new shards after the old ones, so a resumed run never re-forms work that
+may already be committed.
 
 The plan's files are ``plan/part-NNNNN.parquet``, each written whole; its reader takes those names
 only, never a staging file a killed write left beside them (the writer deletes those).
