@@ -53,15 +53,16 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from benchmarks.scale import write_seeds
-from benchmarks.sim_engine import FULL_BATCH, full_batch_rate, step_s
+from benchmarks.sim_engine import FULL_BATCH, TOKENS, full_batch_rate, step_s
 
 # The driver's functions timed as phases (refed_ray.run.pipeline's names), and the one that marks
 # the end of the feedback inside the run's engine pass (refed_ray.run.broadcast's).
 PHASES = ("_engine_pass", "_apply_filters", "_top_up_units", "write_plan", "compact_dataset", "data_quality",
           "build_report")
 FEEDBACK_READ = "read_feedback"
-# A sample's tokens: its response and refinement, and its share of the K instructions (TOKENS in sim_engine.py).
-SAMPLE_TOKENS = 400 + 700 + 40
+# A sample's tokens: its response and refinement, and its share of the K instructions.
+SAMPLE_TOKENS = TOKENS["SynthesizedResponse"] + TOKENS["Refinement"] + TOKENS["InstructionList"]
+K = 10  # instructions_per_aspect, the paper's
 
 
 def config_for(args, seeds: Path, output: Path, records: Path, units_per_shard: int) -> dict:
@@ -69,7 +70,7 @@ def config_for(args, seeds: Path, output: Path, records: Path, units_per_shard: 
         "seeds": str(seeds),
         "output": str(output),
         "num_samples": args.num_samples,
-        "instructions_per_aspect": 10,
+        "instructions_per_aspect": K,
         "output_shared_filesystem": True,  # the cluster's nodes are processes of one machine
         "engine": {
             "kind": "custom", "class_path": "benchmarks.sim_engine:SimGPUEngine",
@@ -277,7 +278,7 @@ def run_one(args, work: Path, seeds: Path, units_per_shard: int) -> dict:
 
 def show(result: dict, args, units_per_shard: int) -> None:
     scale, gpus = args.time_scale, args.nodes * args.gpus_per_node
-    shard_tokens = units_per_shard * (10 * (400 + 700) + 400)
+    shard_tokens = units_per_shard * K * SAMPLE_TOKENS
     print(f"\n{units_per_shard} units a shard (a commit every {shard_tokens / result['rate'] / 60:.1f} simulated "
           f"minutes per engine at a full batch): {result['delivered']:,} samples delivered, "
           f"{result['engines']} engine loads, {result['wall_s']:.0f} s real")
@@ -335,7 +336,7 @@ def main() -> int:
         work.mkdir(parents=True)
         write_seeds(seeds, args.references)
     print(f"refed-ray on a simulated GPU cluster: {args.nodes} nodes x {args.gpus_per_node} GPUs, "
-          f"N={args.num_samples:,}, K=10, {args.references} references, engine load {args.load_s:g} s, "
+          f"N={args.num_samples:,}, K={K}, {args.references} references, engine load {args.load_s:g} s, "
           f"refinement reject rate {args.reject_rate:g}, time scale {args.time_scale:g}, {time.strftime('%Y-%m-%d')}")
     print(f"engine: full batch {FULL_BATCH} at {full_batch_rate():,.0f} tokens/s, one stream {1 / step_s(1):.0f}")
     for size in [int(s) for s in args.units_per_shard.split(",")]:
